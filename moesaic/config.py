@@ -1,0 +1,472 @@
+"""Typed configuration tree: dataclasses, YAML load/save, dotted overrides, validation.
+
+A config is loaded from a preset name (`tiny`, a file in `moesaic/configs/`) or a YAML path. A
+YAML file may name a `base:` preset or path whose values it overrides. Command-line overrides
+are dotted `key=value` pairs whose values are parsed as YAML (`model.ffn.experts=16`,
+`train.lr=3e-3`, `data.mix.text=0.5`). Unknown keys and wrong types raise `ConfigError` with a
+one-line message and a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moesaic.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(value, choices, n=1)
+        extra = f"; did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(f"{path}='{value}' is not one of {', '.join(choices)}{extra}")
+
+
+def _check_positive(path: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{path}={value} must be {bound}")
+
+
+@dataclasses.dataclass
+class FFNConfig:
+    """The feed-forward variant: the independent variable of every study (design.md §4)."""
+
+    kind: str = "dense"  # dense | modality | moe
+    hidden: int = 512  # F: dense SwiGLU width = active FFN width per token in every kind
+    experts: int = 8  # routed experts E (moe)
+    granularity: int = 1  # G: each expert has width F/G
+    top_k: int = 0  # experts active per token incl. shared ones; 0 means G (matched compute)
+    shared: str = "none"  # none | global | per_modality: always-on experts of width F/G
+    groups: str = "none"  # none | modality: MoMa-style experts partitioned per modality
+    score: str = "softmax"  # softmax | sigmoid router scores
+    renormalize: bool = True  # renormalise the top-k weights to sum to 1
+    every: int = 1  # MoE in every n-th block (the others dense)
+    aux_loss: float = 0.01  # α of the per-layer Switch load-balancing loss (0 = off)
+    z_loss: float = 0.0  # β of the router z-loss (0 = off)
+    bias_rate: float = 0.0  # γ of auxiliary-loss-free bias balancing (0 = off)
+    dispatch: str = "auto"  # auto | grouped_mm | split
+
+    @property
+    def active_experts(self) -> int:
+        return self.top_k or self.granularity
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.hidden // self.granularity
+
+    def validate(self, path: str = "model.ffn") -> None:
+        _check_choice(f"{path}.kind", self.kind, ("dense", "modality", "moe"))
+        _check_positive(f"{path}.hidden", self.hidden)
+        if self.kind != "moe":
+            return
+        _check_choice(f"{path}.shared", self.shared, ("none", "global", "per_modality"))
+        _check_choice(f"{path}.groups", self.groups, ("none", "modality"))
+        _check_choice(f"{path}.score", self.score, ("softmax", "sigmoid"))
+        _check_choice(f"{path}.dispatch", self.dispatch, ("auto", "grouped_mm", "split"))
+        for name in ("experts", "granularity", "every"):
+            _check_positive(f"{path}.{name}", getattr(self, name))
+        for name in ("aux_loss", "z_loss", "bias_rate"):
+            _check_positive(f"{path}.{name}", getattr(self, name), allow_zero=True)
+        if self.top_k < 0:
+            raise ConfigError(f"{path}.top_k={self.top_k} must be >= 0 (0 means granularity)")
+        if self.hidden % self.granularity:
+            raise ConfigError(
+                f"{path}.hidden={self.hidden} is not divisible by {path}.granularity="
+                f"{self.granularity}; pick a granularity that divides the FFN width"
+            )
+        n_shared = {"none": 0, "global": 1, "per_modality": 1}[self.shared]
+        routed_k = self.active_experts - n_shared
+        if routed_k < 1:
+            raise ConfigError(
+                f"{path}.top_k={self.active_experts} leaves no routed expert next to "
+                f"shared='{self.shared}'; use top_k >= {n_shared + 1} or granularity >= 2"
+            )
+        per_token_pool = self.experts // 2 if self.groups == "modality" else self.experts
+        if self.groups == "modality" and self.experts % 2:
+            raise ConfigError(
+                f"{path}.experts={self.experts} must be even with groups='modality' "
+                "(experts are split equally between text and image)"
+            )
+        if routed_k > per_token_pool:
+            raise ConfigError(
+                f"{path}.top_k={self.active_experts} needs {routed_k} routed experts per token "
+                f"but only {per_token_pool} are available; raise {path}.experts or lower top_k"
+            )
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The unified transformer (design.md §1–3)."""
+
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    patch_dim: int = 0  # 0: taken from the data (patch_size² · channels)
+    tie_embeddings: bool = False
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    prediction: str = "velocity"  # velocity | x0: what the image head predicts
+    image_loss_weight: float = 3.0  # λ in L = L_text + λ·L_image
+    attention: str = "auto"  # auto | sdpa | flex (flex needs CUDA)
+    ffn: FFNConfig = dataclasses.field(default_factory=FFNConfig)
+
+    def validate(self, path: str = "model") -> None:
+        for name in ("dim", "layers", "heads"):
+            _check_positive(f"{path}.{name}", getattr(self, name))
+        if self.dim % self.heads:
+            raise ConfigError(
+                f"{path}.dim={self.dim} is not divisible by {path}.heads={self.heads}"
+            )
+        if (self.dim // self.heads) % 2:
+            raise ConfigError(
+                f"{path}.dim / {path}.heads = {self.dim // self.heads} must be even for RoPE"
+            )
+        _check_positive(f"{path}.vocab_size", self.vocab_size, allow_zero=True)
+        _check_positive(f"{path}.patch_dim", self.patch_dim, allow_zero=True)
+        _check_positive(f"{path}.image_loss_weight", self.image_loss_weight, allow_zero=True)
+        _check_choice(f"{path}.prediction", self.prediction, ("velocity", "x0"))
+        _check_choice(f"{path}.attention", self.attention, ("auto", "sdpa", "flex"))
+        self.ffn.validate(f"{path}.ffn")
+
+
+MIX_KEYS = ("text", "caption_image", "image_caption", "image")
+
+
+def _default_mix() -> dict[str, float]:
+    return {"text": 0.5, "caption_image": 0.2, "image_caption": 0.2, "image": 0.1}
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where batches come from and how they are packed (design.md §2, §6)."""
+
+    source: str = "world"  # world | folder | text | webdataset | hf | digits
+    paths: list[str] = dataclasses.field(default_factory=list)  # files/dirs for real sources
+    seq_len: int = 256
+    batch_size: int = 8  # rows per micro-batch per rank
+    image_size: int = 16
+    patch_size: int = 4
+    channels: int = 3
+    mix: dict[str, float] = dataclasses.field(default_factory=_default_mix)
+    caption_register: str = "terse"  # terse | natural | mixed
+    caption_dropout: float = 0.1  # on generation pairs, for classifier-free guidance
+    time_shift: float = 3.0  # shift of the flow-time schedule toward noise (1 = uniform)
+    understanding_noise: float = 0.0  # images before captions get t >= 1 - this (0 = clean)
+    tokenizer: str = ""  # path to a tokenizer.json; "" trains one on world text
+    vocab_size: int = 2048  # when training the tokenizer
+    seed: int = 0
+    strict: bool = False  # raise on bad records instead of skipping and counting them
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def validate(self, path: str = "data") -> None:
+        for name in ("seq_len", "batch_size", "image_size", "patch_size", "channels", "vocab_size"):
+            _check_positive(f"{path}.{name}", getattr(self, name))
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"{path}.image_size={self.image_size} is not divisible by "
+                f"{path}.patch_size={self.patch_size}"
+            )
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"{path}.caption_dropout={self.caption_dropout} must be in [0, 1]")
+        if not 0.0 <= self.understanding_noise <= 1.0:
+            raise ConfigError(
+                f"{path}.understanding_noise={self.understanding_noise} must be in [0, 1]"
+            )
+        _check_positive(f"{path}.time_shift", self.time_shift)
+        for key, value in self.mix.items():
+            if key not in MIX_KEYS:
+                hint = difflib.get_close_matches(key, MIX_KEYS, n=1)
+                extra = f"; did you mean '{hint[0]}'?" if hint else f" ({', '.join(MIX_KEYS)})"
+                raise ConfigError(f"unknown document kind '{path}.mix.{key}'{extra}")
+            _check_positive(f"{path}.mix.{key}", value, allow_zero=True)
+        if sum(self.mix.values()) <= 0:
+            raise ConfigError(f"{path}.mix has no positive weight; give at least one source > 0")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
+    warmup: int = 20
+    weight_decay: float = 0.1
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    max_bad_steps: int = 5  # consecutive non-finite steps before stopping
+    checkpoint_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 2
+
+    def validate(self, path: str = "train") -> None:
+        for name in ("steps", "lr", "grad_accum", "max_bad_steps", "keep_checkpoints"):
+            _check_positive(f"{path}.{name}", getattr(self, name))
+        for name in ("warmup", "weight_decay", "grad_clip", "threads", "checkpoint_every"):
+            _check_positive(f"{path}.{name}", getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{path}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{path}.betas={self.betas} must be two numbers in [0, 1)")
+        _check_choice(f"{path}.precision", self.precision, ("auto", "fp32", "bf16"))
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    every: int = 100  # evaluate held-out losses every n steps (0 = only at the end)
+    batches: int = 4  # held-out batches per evaluation
+    seed: int = 1234  # fixes eval data, noise and flow times
+
+    def validate(self, path: str = "eval") -> None:
+        _check_positive(f"{path}.every", self.every, allow_zero=True)
+        _check_positive(f"{path}.batches", self.batches)
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    every: int = 10  # write a metrics.jsonl line every n steps
+    progress: str = "auto"  # auto | bar | plain | none
+    tensorboard: bool = False
+
+    def validate(self, path: str = "logging") -> None:
+        _check_positive(f"{path}.every", self.every)
+        _check_choice(f"{path}.progress", self.progress, ("auto", "bar", "plain", "none"))
+
+
+@dataclasses.dataclass
+class Config:
+    name: str = "run"
+    out: str = "runs"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if dataclasses.is_dataclass(sub):
+                sub.validate(f.name)
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name='{self.name}' must be a non-empty name without '/'")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic machinery: dict <-> dataclass with type checks, dotted overrides, presets.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` and convert where lossless (int → float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}={value!r} must be a list")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r} must be a mapping")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(path, k, kt): _coerce(f"{path}.{k}", v, vt) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}={value!r} must be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r} must be an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} must be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r} must be a string")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config annotation {_type_name(tp)} at {path}")
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
+    where = f"{path}.{key}" if path else key
+    hint = difflib.get_close_matches(key, valid, n=1)
+    extra = f"; did you mean '{(path + '.' if path else '') + hint[0]}'?" if hint else ""
+    return ConfigError(f"unknown config key '{where}'{extra}")
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a (partial) mapping; missing keys keep their defaults."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(path, str(key), names)
+        kwargs[key] = _coerce(f"{path}.{key}" if path else key, value, hints[key])
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A preset name (`tiny`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    names = preset_names()
+    hint = difflib.get_close_matches(str(name_or_path), names, n=1)
+    extra = f"; did you mean '{hint[0]}'?" if hint else f" (presets: {', '.join(names)})"
+    raise ConfigError(f"no preset or config file named '{name_or_path}'{extra}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def load_raw(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The merged mapping of a config file and its chain of `base:` presets."""
+    path = resolve_config_path(name_or_path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config '{path}' includes itself through 'base:'")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"'base' in '{path}' must be a preset name or path, got {base!r}")
+    base_path = path.parent / base if (path.parent / base).is_file() else base
+    return _deep_merge(load_raw(base_path, (*_seen, path)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.lr=1e-3)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted `key=value` overrides to a raw mapping (checked when the config is built)."""
+    data = _deep_merge({}, data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            nxt = node.get(key)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[key] = nxt
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    return from_dict(Config, data).validate()
+
+
+def load_config(
+    name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Load a preset or YAML file (None: all defaults), apply overrides, validate.
+
+    Overrides apply to the fully resolved tree, so `data.mix.text=0.4` edits one entry of the
+    mix and keeps the others, while a mapping in YAML replaces the default mapping whole.
+    """
+    data = load_raw(name_or_path) if name_or_path is not None else {}
+    resolved = from_dict(Config, data).to_dict()
+    return build_config(apply_overrides(resolved, list(overrides)))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(config.to_yaml())
