@@ -13,7 +13,9 @@ import sys
 from moesaic.errors import MoesaicError
 
 # name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("moesaic.bench.cli", "run a benchmark (prints a table; --json writes the figures)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

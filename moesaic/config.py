@@ -141,7 +141,7 @@ class ModelConfig:
         self.ffn.validate(f"{path}.ffn")
 
 
-MIX_KEYS = ("text", "caption_image", "image_caption", "image")
+MIX_KEYS = ("text", "caption_image", "image_caption", "vqa", "image")
 
 
 def _default_mix() -> dict[str, float]:
