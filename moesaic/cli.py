@@ -14,6 +14,12 @@ from moesaic.errors import MoesaicError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("moesaic.commands.train", "train a model from a config, or resume a run exactly"),
+    "eval": ("moesaic.commands.eval", "held-out losses of a run's latest checkpoint"),
+    "info": (
+        "moesaic.commands.info",
+        "parameters (total/active), FLOPs per token, tokens per step",
+    ),
     "bench": ("moesaic.bench.cli", "run a benchmark (prints a table; --json writes the figures)"),
 }
 

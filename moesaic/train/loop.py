@@ -1,0 +1,376 @@
+"""The training loop: one run directory, exact resume, skipped non-finite steps.
+
+A run directory `OUT/NAME/` holds `config.yaml` (the resolved config), `tokenizer.json`,
+`metrics.jsonl`, `checkpoints/step-*/` and, at the end, `summary.json`. Everything a step
+consumes — data, noise, flow times — comes from the data stream, whose position is saved with
+the weights, optimizer and RNG states; on CPU a resumed run is bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moesaic.config import Config, load_config
+from moesaic.data import build_eval_sets, build_stream, load_tokenizer
+from moesaic.errors import CheckpointError, ConfigError, MoesaicError
+from moesaic.evaluate.losses import eval_losses
+from moesaic.model import Transformer
+from moesaic.model.moe import update_router_biases
+from moesaic.train import checkpoint as ckpt
+from moesaic.train.metrics import MetricsLog
+from moesaic.train.optim import (
+    build_optimizer,
+    load_optimizer_state,
+    lr_at,
+    optimizer_state_to_tensors,
+    set_lr,
+)
+from moesaic.train.progress import Progress
+from moesaic.train.runtime import autocast_factory, cache_dir, resolve_device, set_threads
+
+# Keys that may change when a run is resumed; everything else must match the checkpoint.
+RESUMABLE_KEYS = (
+    "name",
+    "out",
+    "train.steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_bad_steps",
+    "train.device",
+    "train.threads",
+    "train.compile",
+    "eval.every",
+    "logging",
+)
+
+
+class TrainingDiverged(MoesaicError):
+    """Too many consecutive non-finite steps."""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _mutable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """Hash of everything that determines the computation (resumable keys excluded)."""
+    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if not _mutable(k)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_model_dims(cfg: Config, vocab_size: int) -> Config:
+    """Fill model.vocab_size / patch_dim from the tokenizer and data, or check they agree."""
+    model = cfg.model
+    if model.vocab_size == 0:
+        model = dataclasses.replace(model, vocab_size=vocab_size)
+    elif model.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+            "set model.vocab_size=0 to take it from the tokenizer"
+        )
+    if model.patch_dim == 0:
+        model = dataclasses.replace(model, patch_dim=cfg.data.patch_dim)
+    elif model.patch_dim != cfg.data.patch_dim:
+        raise ConfigError(
+            f"model.patch_dim={model.patch_dim} but data patches have {cfg.data.patch_dim} values "
+            "(patch_size² · channels); set model.patch_dim=0"
+        )
+    return dataclasses.replace(cfg, model=model)
+
+
+def run_dir_for(cfg: Config) -> Path:
+    return Path(cfg.out) / cfg.name
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config saved in a run directory, with the overrides allowed on resume."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a moesaic run directory (no config.yaml)")
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if not _mutable(key):
+            raise ConfigError(
+                f"'{key}' cannot change when resuming (it changes the computation); "
+                f"changeable: {', '.join(RESUMABLE_KEYS)}"
+            )
+    return load_config(path, overrides)
+
+
+class Trainer:
+    """Build everything for one run; `run()` trains to `train.steps` and returns the summary."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None, resume: bool = False):
+        self.run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+        self._check_run_dir(resume)
+        set_threads(cfg.train)
+        self.device = resolve_device(cfg.train.device)
+        self.autocast = autocast_factory(cfg.train, self.device)
+
+        tok_path = self.run_dir / "tokenizer.json"
+        data_cfg = dataclasses.replace(cfg.data, tokenizer=str(tok_path)) if resume else cfg.data
+        self.tokenizer = load_tokenizer(data_cfg, cache_dir())
+        self.cfg = cfg = resolve_model_dims(cfg, self.tokenizer.vocab_size).validate()
+        self.fingerprint = config_fingerprint(cfg)
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.stream = build_stream(cfg.data, self.tokenizer, split="train")
+        self.eval_sets = build_eval_sets(cfg.data, self.tokenizer, cfg.eval.seed, cfg.eval.batches)
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+
+        self.step = 0  # completed optimizer steps (skipped ones included)
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.bad_in_a_row = 0
+        self.elapsed = 0.0
+        self.stop_signal: int | None = None
+        resume_step = None
+        if resume:
+            resume_step = self._load_latest()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            self.tokenizer.save(tok_path)
+        self.metrics = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step)
+
+    # ------------------------------------------------------------------ run directory, resume
+
+    def _check_run_dir(self, resume: bool) -> None:
+        if resume:
+            if not (self.run_dir / "config.yaml").is_file():
+                raise CheckpointError(f"nothing to resume: '{self.run_dir}' has no config.yaml")
+            return
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise ConfigError(
+                f"run directory '{self.run_dir}' already exists; continue it with "
+                f"--resume {self.run_dir} or choose another name=..."
+            )
+
+    def _load_latest(self) -> int:
+        root = self.run_dir / "checkpoints"
+        found, rejected = ckpt.latest_checkpoint(root, self.fingerprint)
+        for message in rejected:
+            print(f"warning: skipping checkpoint: {message}", flush=True)
+        if found is None:
+            raise CheckpointError(
+                f"'{self.run_dir}' has no usable checkpoint to resume from"
+                + (f" ({rejected[0]})" if rejected else "")
+            )
+        state = found.state
+        model_state = ckpt.load_tensors(found, "model.safetensors")
+        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint '{found.path}' does not fit the model "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        load_optimizer_state(
+            self.optimizer,
+            self.model,
+            ckpt.load_tensors(found, "optimizer.safetensors"),
+            state["optimizer"],
+        )
+        rng = ckpt.load_tensors(found, "rng.safetensors")
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.stream.load_state_dict(state["data"])
+        trainer = state["trainer"]
+        self.step = found.step
+        self.tokens_seen = trainer["tokens_seen"]
+        self.skipped_steps = trainer["skipped_steps"]
+        self.bad_in_a_row = trainer["bad_in_a_row"]
+        self.elapsed = trainer["elapsed"]
+        return found.step
+
+    def save_checkpoint(self) -> Path:
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise TrainingDiverged(f"refusing to checkpoint non-finite weights ({name})")
+        opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer, self.model)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "config_fingerprint": self.fingerprint,
+            "optimizer": opt_meta,
+            "data": self.stream.state_dict(),
+            "trainer": {
+                "tokens_seen": self.tokens_seen,
+                "skipped_steps": self.skipped_steps,
+                "bad_in_a_row": self.bad_in_a_row,
+                "elapsed": self.elapsed,
+            },
+        }
+        return ckpt.save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.step,
+            self.model.state_dict(),
+            opt_tensors,
+            rng,
+            state,
+            self.cfg.train.keep_checkpoints,
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches; skipped if anything is non-finite."""
+        cfg = self.cfg.train
+        lr = lr_at(self.step, cfg)
+        set_lr(self.optimizer, lr)
+        sums = torch.zeros(4, device=self.device)
+        for _ in range(cfg.grad_accum):
+            batch = next(self.stream).to(self.device)
+            with self.autocast():
+                out = self.forward(batch)
+            (out.loss / cfg.grad_accum).backward()
+            parts = torch.stack([out.loss, out.text_loss, out.image_loss, out.aux_loss])
+            sums += parts.detach().float() / cfg.grad_accum
+            self.tokens_seen += batch.tokens.numel()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss, text_loss, image_loss, aux_loss = sums.tolist()
+        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            update_router_biases(self.model)
+            self.bad_in_a_row = 0
+        else:
+            update_router_biases(self.model, skip=True)
+            self.skipped_steps += 1
+            self.bad_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.bad_in_a_row >= cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.bad_in_a_row} consecutive steps had non-finite loss or gradients "
+                f"(last at step {self.step}, loss={loss}, grad_norm={float(grad_norm)}); "
+                f"lower train.lr (now {cfg.lr}) or raise train.warmup; the last checkpoint "
+                "holds finite weights"
+            )
+        return {
+            "loss": loss,
+            "text_loss": text_loss,
+            "image_loss": image_loss,
+            "aux_loss": aux_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "skipped": not finite,
+        }
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out losses per set, plus routing counts per MoE layer on the eval sets."""
+        self.model.reset_routing_stats()
+        losses = eval_losses(self.model, self.eval_sets, self.device, self.autocast)
+        routing = {
+            str(layer): {k: v.tolist() for k, v in stats.items()}
+            for layer, stats in self.model.routing_stats().items()
+        }
+        self.model.reset_routing_stats()
+        return {"losses": losses, "routing": routing}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        progress = Progress(cfg.train.steps, self.step, cfg.logging.progress, desc=cfg.name)
+        status = "finished"
+        try:
+            window_start, window_tokens = time.perf_counter(), self.tokens_seen
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                values = self.train_step()
+                self.elapsed += time.perf_counter() - t0
+                if values["skipped"]:
+                    progress.write(f"step {self.step}: non-finite loss or gradients, step skipped")
+                log_now = self.step % cfg.logging.every == 0 or self.step == cfg.train.steps
+                if log_now:
+                    now = time.perf_counter()
+                    tok_s = (self.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
+                    window_start, window_tokens = now, self.tokens_seen
+                    record = {"kind": "train", "step": self.step, "tokens": self.tokens_seen}
+                    record |= {k: v for k, v in values.items() if k != "skipped"}
+                    record |= {"skipped_steps": self.skipped_steps, "tokens_per_s": tok_s}
+                    self.metrics.log(record)
+                    shown = {k: values[k] for k in ("loss", "text_loss", "image_loss")}
+                    progress.update(self.step, shown | {"tok/s": round(tok_s)}, force_line=True)
+                else:
+                    progress.update(self.step, {k: values[k] for k in ("loss",)})
+                if (
+                    cfg.eval.every
+                    and self.step % cfg.eval.every == 0
+                    and self.step < cfg.train.steps
+                ):
+                    self.metrics.log({"kind": "eval", "step": self.step, **self.evaluate()})
+                every = cfg.train.checkpoint_every
+                if every and self.step % every == 0 and self.step < cfg.train.steps:
+                    self.save_checkpoint()
+                if self.stop_signal is not None:
+                    status = "interrupted"
+                    break
+        finally:
+            progress.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        self.save_checkpoint()
+        summary = self._summary(status)
+        if status == "finished":
+            final = self.evaluate()
+            self.metrics.log({"kind": "eval", "step": self.step, **final})
+            summary["eval"] = final["losses"]
+            ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        else:
+            print(
+                f"stopped by signal at step {self.step}; checkpoint saved. "
+                f"Continue with: moesaic train --resume {self.run_dir}",
+                flush=True,
+            )
+        self.metrics.close()
+        return summary
+
+    def _summary(self, status: str) -> dict[str, Any]:
+        seq_len = self.cfg.data.seq_len
+        flops_per_token = self.model.flops_per_token(seq_len)
+        return {
+            "status": status,
+            "name": self.cfg.name,
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "params_total": self.model.num_params(active=False),
+            "params_active": self.model.num_params(active=True),
+            "flops_per_token": flops_per_token,
+            "train_flops": flops_per_token * self.tokens_seen,
+            "train_seconds": self.elapsed,
+            "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9),
+            "skipped_steps": self.skipped_steps,
+            "data_skipped": dict(self.stream.skipped),
+        }
