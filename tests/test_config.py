@@ -97,3 +97,12 @@ def test_parse_override_values():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a=true") == (["a"], True)
     assert parse_override("a=") == (["a"], "")
+
+
+def test_every_preset_loads():
+    from moesaic.config import preset_names
+
+    names = preset_names()
+    assert {"tiny", "small", "tiny-moe", "tiny-modality", "tiny-dense"} <= set(names)
+    for name in names:
+        assert load_config(name).name == name
