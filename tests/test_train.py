@@ -1,0 +1,198 @@
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moesaic.cli import main
+from moesaic.config import load_config
+from moesaic.errors import CheckpointError, ConfigError
+from moesaic.train.loop import Trainer, TrainingDiverged
+from moesaic.train.metrics import read_metrics
+from tests.train_utils import KINDS, MICRO
+
+
+def _cfg(tmp_path, *extra):
+    return load_config("tiny", [*MICRO, f"out={tmp_path}", *extra])
+
+
+def _losses(run_dir):
+    return [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_loss_decreases(tmp_path, kind):
+    cfg = _cfg(tmp_path, *KINDS[kind], "train.steps=40", "train.warmup=5", "eval.every=0")
+    summary = Trainer(cfg).run()
+    assert summary["status"] == "finished" and summary["skipped_steps"] == 0
+    rows = _losses(tmp_path / "tiny")
+    first = sum(r["text_loss"] + r["image_loss"] for r in rows[:5]) / 5
+    last = sum(r["text_loss"] + r["image_loss"] for r in rows[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert set(summary["eval"]) >= {"text/text", "ood_text/text", "image/image"}
+
+
+def _train_cmd(run_dir: Path, extra):
+    return [
+        sys.executable, "-m", "moesaic", "train", "tiny", *MICRO, *extra,
+        f"out={run_dir.parent}", f"name={run_dir.name}",
+    ]  # fmt: skip
+
+
+def _run(cmd, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path.cwd(), **kw)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe-bias"])
+def test_sigkill_resume_is_bit_identical(tmp_path, kind):
+    extra = [*KINDS[kind], "train.steps=24", "train.checkpoint_every=4", "eval.every=8"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    done = _run(_train_cmd(ref, extra))
+    assert done.returncode == 0, done.stderr
+
+    kill_at = random.Random().randint(5, 22)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_train_cmd(cut, extra), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        rows = _losses(cut) if (cut / "metrics.jsonl").exists() else []
+        if rows and rows[-1]["step"] >= kill_at:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "summary.json").exists(), "killed too late to test anything"
+    resumed = _run([sys.executable, "-m", "moesaic", "train", "--resume", str(cut)])
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = load_file(str(sorted((ref / "checkpoints").iterdir())[-1] / "model.safetensors"))
+    b = load_file(str(sorted((cut / "checkpoints").iterdir())[-1] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume from step {kill_at}"
+    strip = ("tokens_per_s",)
+    rows_a = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(ref / "metrics.jsonl")]
+    rows_b = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(cut / "metrics.jsonl")]
+    assert rows_a == rows_b
+    sa = json.loads((ref / "summary.json").read_text())
+    sb = json.loads((cut / "summary.json").read_text())
+    assert sa["eval"] == sb["eval"]
+
+
+def test_sigterm_saves_checkpoint_and_exits(tmp_path):
+    run_dir = tmp_path / "term"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    extra = ["train.steps=500", "train.checkpoint_every=0", "eval.every=0"]
+    proc = subprocess.Popen(_train_cmd(run_dir, extra), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in out
+    ckpts = list((run_dir / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and not (run_dir / "summary.json").exists()
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path):
+    cfg = _cfg(tmp_path, "train.steps=8", "train.max_bad_steps=3", "eval.every=0")
+    trainer = Trainer(cfg)
+    real_forward = trainer.model.forward
+    poisoned = {2, 3, 6}
+
+    def forward(batch, **kw):
+        out = real_forward(batch, **kw)
+        if trainer.step in poisoned:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.forward = forward
+    summary = trainer.run()
+    assert summary["skipped_steps"] == 3
+    rows = _losses(tmp_path / "tiny")
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2, 2, 3, 3]
+    for t in load_file(str(next((tmp_path / "tiny" / "checkpoints").iterdir()) / "model.safetensors")).values():
+        assert torch.isfinite(t).all()
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
+    cfg = _cfg(tmp_path, "train.steps=20", "train.max_bad_steps=3", "train.checkpoint_every=2",
+               "eval.every=0")  # fmt: skip
+    trainer = Trainer(cfg)
+    real_forward = trainer.model.forward
+
+    def forward(batch, **kw):
+        out = real_forward(batch, **kw)
+        if trainer.step >= 4:
+            out.loss = out.loss * float("inf")
+        return out
+
+    trainer.forward = forward
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+        trainer.run()
+    latest = sorted((tmp_path / "tiny" / "checkpoints").iterdir())[-1]
+    for t in load_file(str(latest / "model.safetensors")).values():
+        assert torch.isfinite(t).all()
+
+
+def test_resume_refusals(tmp_path):
+    cfg = _cfg(tmp_path, "train.steps=4", "eval.every=0", "train.checkpoint_every=2")
+    Trainer(cfg).run()
+    run_dir = tmp_path / "tiny"
+    with pytest.raises(ConfigError, match="cannot change when resuming"):
+        main(["train", "--resume", str(run_dir), "model.dim=64"])
+    with pytest.raises(ConfigError, match="already exists"):
+        Trainer(cfg)
+    with pytest.raises(CheckpointError, match="no config.yaml"):
+        main(["train", "--resume", str(tmp_path / "nowhere")])
+    # newest checkpoint truncated: reported and skipped, the previous one is used
+    newest = sorted((run_dir / "checkpoints").iterdir())[-1]
+    model_file = newest / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    trainer = Trainer(load_config(run_dir / "config.yaml", ["train.steps=6"]), run_dir, resume=True)
+    assert trainer.step == 2
+    # a checkpoint written by another config is refused
+    other = _cfg(tmp_path / "other", "train.steps=2", "model.ffn.hidden=96")
+    Trainer(other).run()
+    foreign = sorted((tmp_path / "other" / "tiny" / "checkpoints").iterdir())[-1]
+    os.rename(foreign, run_dir / "checkpoints" / "step-00000009")
+    with pytest.raises(CheckpointError, match="different config"):
+        Trainer(load_config(run_dir / "config.yaml"), run_dir, resume=True)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    env = {**os.environ}
+    for args, fragment in [
+        (["train", "tiny", "model.ffn.expert=3"], "did you mean 'model.ffn.experts'"),
+        (["train", "tiny", "train.lr=fast"], "must be a number"),
+        (["train", "no-such-preset"], "no preset"),
+        (["eval", str(tmp_path)], "not a moesaic run directory"),
+    ]:
+        res = subprocess.run([sys.executable, "-m", "moesaic", *args], capture_output=True,
+                             text=True, env=env)  # fmt: skip
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip().count("\n") == 0 and fragment in res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_info_reports_sizes(capsys):
+    assert main(["info", "tiny-moe"]) == 0
+    out = capsys.readouterr().out
+    assert "params active" in out and "FLOPs/token" in out
+    total = int(out.split("params total")[1].split()[0].replace(",", ""))
+    active = int(out.split("params active")[1].split()[0].replace(",", ""))
+    assert total > active > 0
+    assert not math.isnan(total)
