@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from moesaic.errors import MoesaicError
@@ -20,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "moesaic.commands.info",
         "parameters (total/active), FLOPs per token, tokens per step",
     ),
+    "sample": ("moesaic.commands.sample", "generate an image, a caption or an answer from a run"),
+    "compete": ("moesaic.commands.compete", "the modality-competition study: tax per arm + report"),
+    "analyze": ("moesaic.commands.analyze", "expert specialisation and activation sparsity"),
     "bench": ("moesaic.bench.cli", "run a benchmark (prints a table; --json writes the figures)"),
 }
 
@@ -32,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)

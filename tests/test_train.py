@@ -81,9 +81,11 @@ def test_sigkill_resume_is_bit_identical(tmp_path, kind):
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume from step {kill_at}"
     strip = ("tokens_per_s",)
-    rows_a = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(ref / "metrics.jsonl")]
-    rows_b = [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(cut / "metrics.jsonl")]
-    assert rows_a == rows_b
+    rows = [
+        [{k: v for k, v in r.items() if k not in strip} for r in read_metrics(d / "metrics.jsonl")]
+        for d in (ref, cut)
+    ]
+    assert rows[0] == rows[1]
     sa = json.loads((ref / "summary.json").read_text())
     sb = json.loads((cut / "summary.json").read_text())
     assert sa["eval"] == sb["eval"]
@@ -124,7 +126,8 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     assert summary["skipped_steps"] == 3
     rows = _losses(tmp_path / "tiny")
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2, 2, 3, 3]
-    for t in load_file(str(next((tmp_path / "tiny" / "checkpoints").iterdir()) / "model.safetensors")).values():
+    ckpt_dir = next((tmp_path / "tiny" / "checkpoints").iterdir())
+    for t in load_file(str(ckpt_dir / "model.safetensors")).values():
         assert torch.isfinite(t).all()
 
 
