@@ -1,0 +1,273 @@
+"""The unified decoder-only transformer over packed text + image sequences (design.md §2–4).
+
+    tokens ──tok_embed──┐                                   ┌─ text_head ─► logits   [B, L, V]
+                        ├─ where(image) ─► blocks ─► norm ──┤
+    x_t, t ──image_in───┘                                   └─ image_head ► pred     [B, L, P]
+
+Pre-norm blocks (RMSNorm) with rotary attention (optional QK-norm) and a feed-forward layer
+that is dense, per-modality or a mixture of experts (`ffn.py`, `moe.py`); no biases anywhere.
+Attention is causal across the sequence, bidirectional inside an image block and blocked
+across documents. Positions are passed explicitly to attention so a KV cache can be added for
+decoding without changing the blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moesaic.batch import Batch, DocKind
+from moesaic.config import FFNConfig, ModelConfig
+from moesaic.errors import ConfigError
+from moesaic.model import flex, heads
+from moesaic.model.ffn import DenseFFN, ModalityFFN, TokenMeta
+from moesaic.model.moe import MoE
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """Losses (0-d tensors) and outputs of one forward pass. Counts stay on device until read."""
+
+    loss: Tensor  # text_loss + λ·image_loss + aux_loss
+    text_loss: Tensor  # mean CE over targets >= 0 (0 if none)
+    image_loss: Tensor  # mean MSE over elements of image-loss positions (0 if none)
+    aux_loss: Tensor  # MoE balancing terms summed over layers (0 if none)
+    logits: Tensor  # [B, L, V]
+    image_pred: Tensor  # [B, L, P]
+    text_targets: Tensor  # 0-d int64: number of text targets
+    image_positions: Tensor  # 0-d int64: number of image-loss positions
+    hidden_states: list[Tensor] | None = None  # [B, L, D] after each block, when asked for
+
+    @property
+    def text_count(self) -> int:
+        return int(self.text_targets)
+
+    @property
+    def image_count(self) -> int:
+        return int(self.image_positions)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables: positions [B, L] -> (cos, sin) [B, L, 1, d/2]."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_BL: Tensor) -> tuple[Tensor, Tensor]:
+        angles = positions_BL.float().unsqueeze(-1) * self.inv_freq
+        return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+
+
+def apply_rotary(x_BLHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x_BLHd.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BLHd.dtype)
+
+
+def attention_mask(doc_id_BL: Tensor, image_id_BL: Tensor) -> Tensor:
+    """Boolean [B, 1, L, L], True = may attend: same document and (causal or same image)."""
+    L = doc_id_BL.shape[1]
+    pos = torch.arange(L, device=doc_id_BL.device)
+    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)
+    same_doc = doc_id_BL.unsqueeze(2) == doc_id_BL.unsqueeze(1)
+    img = image_id_BL
+    same_image = (img.unsqueeze(2) == img.unsqueeze(1)) & (img >= 0).unsqueeze(2)
+    return (same_doc & (causal | same_image)).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.dim // cfg.heads
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x_BLD: Tensor, rope: tuple[Tensor, Tensor], mask) -> Tensor:
+        """`mask` is a boolean [B, 1, L, L] tensor (SDPA) or a FlexAttention BlockMask."""
+        B, L, D = x_BLD.shape
+        q, k, v = self.wqkv(x_BLD).view(B, L, 3, self.heads, self.head_dim).unbind(2)
+        q, k = apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, L, d]
+        if isinstance(mask, Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = flex.flex_sdpa(q, k, v, mask)
+        return self.wo(y.transpose(1, 2).reshape(B, L, D))
+
+
+def build_ffn(cfg: FFNConfig, dim: int, layer: int) -> nn.Module:
+    """Block `layer`'s FFN; with kind moe, blocks every-1, 2·every-1, … are MoE, others dense."""
+    if cfg.kind == "modality":
+        return ModalityFFN(dim, cfg.hidden, cfg.dispatch)
+    if cfg.kind == "moe" and (layer + 1) % cfg.every == 0:
+        return MoE(cfg, dim)
+    return DenseFFN(dim, cfg.hidden)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = build_ffn(cfg.ffn, cfg.dim, layer)
+
+    def forward(self, x_BLD: Tensor, rope, mask, meta: TokenMeta) -> tuple[Tensor, Tensor | None]:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, mask)
+        B, L, D = x_BLD.shape
+        y_TD, aux = self.ffn(self.ffn_norm(x_BLD).reshape(B * L, D), meta)
+        return x_BLD + y_TD.view(B, L, D), aux
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    cfg.validate()
+    for name in ("vocab_size", "patch_dim"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(
+                f"model.{name}={getattr(cfg, name)} must be resolved (> 0) before building the "
+                "model; the trainer takes it from the tokenizer and data"
+            )
+    if cfg.ffn.kind == "moe" and cfg.ffn.every > cfg.layers:
+        raise ConfigError(
+            f"model.ffn.every={cfg.ffn.every} > model.layers={cfg.layers} leaves no MoE block; "
+            f"use every <= {cfg.layers} or ffn.kind=dense"
+        )
+    if cfg.attention == "flex" and not flex.flex_available():
+        raise ConfigError(
+            f"model.attention='flex' needs FlexAttention (torch {torch.__version__} lacks it); "
+            "use model.attention=sdpa"
+        )
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        check_model_config(cfg)
+        self.cfg = cfg
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.image_in = heads.ImageInput(cfg.patch_dim, cfg.dim)
+        self.rotary = Rotary(cfg.dim // cfg.heads, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.text_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.image_head = nn.Linear(cfg.dim, cfg.patch_dim, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.text_head.weight = self.tok_embed.weight
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std); residual output projections scaled by 1/sqrt(2·layers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.layers)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            block.ffn.reset_parameters(std, out_std)
+
+    def uses_flex(self, device: torch.device) -> bool:
+        if self.cfg.attention == "auto":
+            return device.type == "cuda" and flex.flex_available()
+        return self.cfg.attention == "flex"
+
+    def embed(self, batch: Batch) -> Tensor:
+        """Token embeddings at text positions, projected noised patches + t at images: [B, L, D]."""
+        x_t = heads.flow_input(batch.patches, batch.noise, batch.t)
+        image = self.image_in(x_t, batch.t)
+        text = self.tok_embed(batch.tokens)
+        return torch.where(batch.image_mask.unsqueeze(-1), image.to(text.dtype), text)
+
+    def forward(
+        self,
+        batch: Batch,
+        output_hidden_states: bool = False,
+        positions: Tensor | None = None,
+    ) -> ModelOutput:
+        """Full forward pass and losses. `positions` [B, L] default to 0..L-1 in every row."""
+        B, L = batch.shape
+        if positions is None:
+            positions = torch.arange(L, device=batch.tokens.device).expand(B, L)
+        rope = self.rotary(positions)
+        if self.uses_flex(batch.tokens.device):
+            mask = flex.block_mask(batch.doc_id, batch.image_id)
+        else:
+            mask = attention_mask(batch.doc_id, batch.image_id)
+        meta = TokenMeta(
+            modality_T=batch.modality.reshape(-1),
+            doc_kind_T=batch.doc_kind.reshape(-1),
+            t_T=batch.t.reshape(-1),
+            valid_T=(batch.doc_kind != DocKind.PAD).reshape(-1),
+        )
+        x = self.embed(batch)
+        hidden, aux_terms = [], []
+        for block in self.blocks:
+            x, aux = block(x, rope, mask, meta)
+            if aux is not None:
+                aux_terms.append(aux)
+            if output_hidden_states:
+                hidden.append(x)
+        x = self.norm(x)
+        logits = self.text_head(x)
+        image_pred = self.image_head(x)
+
+        text_loss, text_targets = heads.text_loss(logits, batch.targets)
+        target = heads.flow_target(batch.patches, batch.noise, self.cfg.prediction)
+        image_loss, image_positions = heads.image_loss(image_pred, target, batch.image_loss)
+        aux_loss = torch.stack(aux_terms).sum() if aux_terms else text_loss.new_zeros(())
+        loss = text_loss + self.cfg.image_loss_weight * image_loss + aux_loss
+        return ModelOutput(
+            loss=loss,
+            text_loss=text_loss,
+            image_loss=image_loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            image_pred=image_pred,
+            text_targets=text_targets,
+            image_positions=image_positions,
+            hidden_states=hidden if output_hidden_states else None,
+        )
+
+    # ------------------------------------------------------------------ accounting, statistics
+
+    def num_params(self, active: bool = True) -> int:
+        """All parameters (tied counted once); `active`: only those one token uses."""
+        from moesaic.model.params import count_params
+
+        return count_params(self, active)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N_matmul + 12·layers·dim·seq_len (see params.py)."""
+        from moesaic.model.params import flops_per_token
+
+        return flops_per_token(self, seq_len)
+
+    def moe_blocks(self) -> dict[int, MoE]:
+        return {i: b.ffn for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)}
+
+    def routing_stats(self) -> dict[int, dict[str, Tensor]]:
+        """Per MoE block: int64 counters accumulated since the last reset (see moe.py)."""
+        return {i: moe.routing_stats() for i, moe in self.moe_blocks().items()}
+
+    def reset_routing_stats(self) -> None:
+        for moe in self.moe_blocks().values():
+            moe.reset_routing_stats()
