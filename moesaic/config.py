@@ -145,7 +145,7 @@ MIX_KEYS = ("text", "caption_image", "image_caption", "vqa", "image")
 
 
 def _default_mix() -> dict[str, float]:
-    return {"text": 0.5, "caption_image": 0.2, "image_caption": 0.2, "image": 0.1}
+    return {"text": 0.5, "caption_image": 0.25, "image_caption": 0.1, "vqa": 0.05, "image": 0.1}
 
 
 @dataclasses.dataclass
@@ -159,8 +159,10 @@ class DataConfig:
     image_size: int = 16
     patch_size: int = 4
     channels: int = 3
+    # shares of document tokens per kind (normalised over the kinds the source provides)
     mix: dict[str, float] = dataclasses.field(default_factory=_default_mix)
-    caption_register: str = "terse"  # terse | natural | mixed
+    caption_register: str = "terse"  # terse | plain | natural | mixed
+    caption_loss: bool = True  # captions before images carry text loss (off: image-only arms)
     caption_dropout: float = 0.1  # on generation pairs, for classifier-free guidance
     time_shift: float = 3.0  # shift of the flow-time schedule toward noise (1 = uniform)
     understanding_noise: float = 0.0  # images before captions get t >= 1 - this (0 = clean)
@@ -192,6 +194,18 @@ class DataConfig:
                 f"{path}.understanding_noise={self.understanding_noise} must be in [0, 1]"
             )
         _check_positive(f"{path}.time_shift", self.time_shift)
+        _check_choice(
+            f"{path}.source", self.source, ("world", "folder", "text", "webdataset", "hf", "digits")
+        )
+        _check_choice(
+            f"{path}.caption_register",
+            self.caption_register,
+            ("terse", "plain", "natural", "mixed"),
+        )
+        if self.source not in ("world", "digits") and not self.paths:
+            raise ConfigError(
+                f"{path}.source='{self.source}' needs input files: set {path}.paths=[...]"
+            )
         for key, value in self.mix.items():
             if key not in MIX_KEYS:
                 hint = difflib.get_close_matches(key, MIX_KEYS, n=1)

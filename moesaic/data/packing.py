@@ -1,0 +1,287 @@
+"""The packer: documents from a source, mixed by token share, packed into fixed-length rows.
+
+Mix semantics. `data.mix` gives each document kind a weight; weights are normalised over the
+kinds the source can produce (a text-only source ignores image kinds) and read as shares of
+*document tokens* (padding excluded). A deterministic scheduler always draws the next document
+from the kind that is furthest below its share (argmin of produced_tokens / weight, ties by
+key order), so after any prefix of the stream each kind's share is within one document of its
+target — no sampling noise.
+
+Row packing. Documents never straddle rows. Each row is filled first with documents held over
+from earlier rows (in order), then with new documents while at most `LOOKAHEAD` documents are
+held over: a document that does not fit the rest of the row is held over to the next row, which
+always has room for the first held-over document (every document is at most `seq_len` long).
+What is left of a row is padding, one document of kind PAD. Text longer than `seq_len` is
+truncated at the end (counted in `stream.stats["truncated_tokens"]`); nothing else is ever
+dropped or repeated: every drawn document appears exactly once, whole, in order of its row.
+
+Determinism and resume. Document `g` of kind `k` is a pure function of (seed, split, k, g): its
+content, flow time, caption dropout and noise ε all come from generators seeded with
+`derive_seed(seed, split, k, g)`. Rank `r` of `w` draws the global indices g ≡ r (mod w), so
+ranks never share a document. The stream state is therefore a handful of counters plus the keys
+of the held-over documents (regenerated on restore): `state_dict()` is small JSON and
+`load_state_dict()` continues with byte-identical batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import Counter
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from moesaic.batch import Batch, DocKind, Modality
+from moesaic.config import DataConfig
+from moesaic.data.documents import KIND_OF, Doc, assemble, flow_time, min_image_doc_len
+from moesaic.data.world.generators import Record
+from moesaic.data.world.scenes import derive_seed, patchify
+from moesaic.errors import ConfigError, DataError
+
+LOOKAHEAD = 4
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+KIND_IDS = {"text": 0, "caption_image": 1, "image_caption": 2, "vqa": 3, "image": 4, "ood_text": 5}
+IMAGE_KINDS = ("caption_image", "image_caption", "vqa", "image")
+STATE_VERSION = 1
+
+
+class Source(Protocol):
+    """Anything that yields records by (kind, global index)."""
+
+    kinds: tuple[str, ...]
+    skipped: Counter
+
+    def record(self, kind: str, index: int, rng: random.Random) -> Record | None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DocOptions:
+    """How records become documents (the train stream takes these from `DataConfig`)."""
+
+    caption_loss: bool = True
+    caption_dropout: float = 0.1
+    time_shift: float = 3.0
+    understanding_noise: float = 0.0
+    t_grid: tuple[float, ...] = ()  # fixed flow times, cycled by document index (eval sets)
+    salt: int = 0  # separates streams that share a seed (eval sets)
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> DocOptions:
+        return cls(
+            caption_loss=cfg.caption_loss,
+            caption_dropout=cfg.caption_dropout,
+            time_shift=cfg.time_shift,
+            understanding_noise=cfg.understanding_noise,
+        )
+
+
+class DocFactory:
+    """Turns (kind, global index) into a laid-out `Doc`: a pure function of its arguments."""
+
+    def __init__(self, cfg: DataConfig, tok, source: Source, split: str, seed: int, opts):
+        self.cfg, self.tok, self.source, self.opts = cfg, tok, source, opts
+        self.ids = tok.special
+        self.split_id, self.seed = SPLIT_IDS[split], seed
+
+    def __call__(self, kind: str, g: int) -> Doc | None:
+        s = derive_seed(self.seed, self.split_id, KIND_IDS[kind], g, self.opts.salt)
+        rng = random.Random(s)
+        rec = self.source.record(kind, g, rng)
+        if rec is None:
+            return None
+        key, opts, L = (kind, g), self.opts, self.cfg.seq_len
+        if kind in ("text", "ood_text"):
+            return assemble(kind, [("text", self.tok.encode(rec.text), True)], self.ids, key, L)
+        patches = patchify(rec.images[0], self.cfg.patch_size)
+        noise = np.random.default_rng(s).standard_normal(patches.shape, dtype=np.float32)
+        if kind in ("caption_image", "image"):
+            t = flow_time(rng.random(), opts.time_shift)
+        else:
+            t = 1.0 - opts.understanding_noise * rng.random()
+        if opts.t_grid:
+            t = opts.t_grid[g % len(opts.t_grid)]
+        if kind == "caption_image":
+            drop = rng.random() < opts.caption_dropout
+            caption = [] if drop else self.tok.encode(rec.text)
+            segs = [
+                ("text", caption, opts.caption_loss),
+                ("image", patches, noise, t, True, opts.caption_loss),
+            ]
+        elif kind == "image_caption":
+            segs = [("image", patches, noise, t, False, True)]
+            segs.append(("text", self.tok.encode(rec.text), True))
+        elif kind == "vqa":
+            segs = [("image", patches, noise, t, False, True)]
+            segs.append(("text", self.tok.encode(rec.text), False))
+            segs.append(("text", self.tok.encode(" " + rec.answer), True))
+        else:
+            segs = [("image", patches, noise, t, True, False)]
+        return assemble(kind, segs, self.ids, key, L)
+
+
+class Stream:
+    """An infinite, exactly resumable iterator of `Batch`es [batch_size, seq_len]."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tok,
+        source: Source,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        mix: dict[str, float] | None = None,
+        opts: DocOptions | None = None,
+        seed: int | None = None,
+    ):
+        if split not in SPLIT_IDS:
+            raise ConfigError(f"split='{split}' is not one of {', '.join(SPLIT_IDS)}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.cfg, self.tok, self.source = cfg, tok, source
+        self.rank, self.world_size, self.split = rank, world_size, split
+        mix = dict(cfg.mix if mix is None else mix)
+        self.weights = {k: float(w) for k, w in mix.items() if w > 0 and k in source.kinds}
+        if not self.weights:
+            raise ConfigError(
+                f"data.mix {mix} has no positive weight on a kind that source "
+                f"'{cfg.source}' provides ({', '.join(source.kinds)})"
+            )
+        total = sum(self.weights.values())
+        self.weights = {k: w / total for k, w in self.weights.items()}
+        need = min_image_doc_len(cfg.patches_per_image)
+        if any(k in IMAGE_KINDS for k in self.weights) and cfg.seq_len < need:
+            raise ConfigError(
+                f"data.seq_len={cfg.seq_len} cannot hold one image document ({need} positions "
+                f"for {cfg.patches_per_image} patches); raise data.seq_len or data.patch_size"
+            )
+        self.factory = DocFactory(
+            cfg, tok, source, split, cfg.seed if seed is None else seed,
+            opts or DocOptions.from_config(cfg),
+        )  # fmt: skip
+        self.counters = {k: 0 for k in self.weights}
+        self.produced = {k: 0 for k in self.weights}
+        self.pending: list[Doc] = []
+        self.rows = 0
+        self.stats: Counter = Counter()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Bad records skipped so far, by reason."""
+        return dict(self.source.skipped)
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "counters": dict(self.counters),
+            "produced": dict(self.produced),
+            "pending": [list(d.key) for d in self.pending],
+            "rows": self.rows,
+            "stats": dict(self.stats),
+            "skipped": dict(self.source.skipped),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data stream state version {state.get('version')} is not supported")
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise DataError(
+                f"data stream state is for rank {state['rank']} of {state['world_size']}, "
+                f"not rank {self.rank} of {self.world_size}; resume with the same world size"
+            )
+        if set(state["counters"]) != set(self.counters):
+            raise DataError(
+                f"data stream state mixes {sorted(state['counters'])}, this stream "
+                f"{sorted(self.counters)}; resume with the same data.mix"
+            )
+        self.counters = {k: int(v) for k, v in state["counters"].items()}
+        self.produced = {k: int(v) for k, v in state["produced"].items()}
+        self.pending = [self.factory(k, int(g)) for k, g in state["pending"]]
+        self.rows = int(state["rows"])
+        self.stats = Counter(state["stats"])
+        self.source.skipped.clear()
+        self.source.skipped.update(state["skipped"])
+
+    # ------------------------------------------------------------------ drawing and packing
+
+    def _draw(self) -> Doc:
+        kind = min(self.weights, key=lambda k: self.produced[k] / self.weights[k])
+        for _ in range(1_000_000):
+            g = self.counters[kind] * self.world_size + self.rank
+            self.counters[kind] += 1
+            doc = self.factory(kind, g)
+            if doc is not None:
+                self.produced[kind] += len(doc)
+                self.stats["docs"] += 1
+                self.stats["truncated_tokens"] += doc.truncated
+                return doc
+        raise DataError(f"source '{self.cfg.source}' yields no usable '{kind}' records")
+
+    def _row(self) -> list[Doc]:
+        L, placed, used = self.cfg.seq_len, [], 0
+        held = []
+        for doc in self.pending:
+            if used + len(doc) <= L:
+                placed.append(doc)
+                used += len(doc)
+            else:
+                held.append(doc)
+        self.pending = held
+        while used < L and len(self.pending) < LOOKAHEAD:
+            doc = self._draw()
+            if used + len(doc) <= L:
+                placed.append(doc)
+                used += len(doc)
+            else:
+                self.pending.append(doc)
+        self.rows += 1
+        return placed
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Batch:
+        B = self.cfg.batch_size
+        return pack_rows([self._row() for _ in range(B)], self.cfg, self.tok.pad_id)
+
+
+def pack_rows(rows: list[list[Doc]], cfg: DataConfig, pad_id: int) -> Batch:
+    """Write rows of documents into a `Batch` [len(rows), seq_len] (the rest of a row is PAD)."""
+    B, L, P = len(rows), cfg.seq_len, cfg.patch_dim
+    tokens = np.full((B, L), pad_id, dtype=np.int64)
+    targets = np.full((B, L), -1, dtype=np.int64)
+    patches = np.zeros((B, L, P), dtype=np.float32)
+    noise = np.zeros((B, L, P), dtype=np.float32)
+    t = np.ones((B, L), dtype=np.float32)
+    image_loss = np.zeros((B, L), dtype=bool)
+    modality = np.full((B, L), int(Modality.TEXT), dtype=np.int64)
+    image_id = np.full((B, L), -1, dtype=np.int64)
+    doc_id = np.zeros((B, L), dtype=np.int64)
+    doc_kind = np.full((B, L), int(DocKind.PAD), dtype=np.int64)
+    for b, docs in enumerate(rows):
+        off, n_img = 0, 0
+        for d, doc in enumerate(docs):
+            n = len(doc)
+            tokens[b, off : off + n] = doc.tokens
+            targets[b, off : off + n] = doc.targets
+            doc_id[b, off : off + n] = d
+            doc_kind[b, off : off + n] = int(KIND_OF[doc.kind])
+            for img in doc.images:
+                s, m = off + img.start, img.patches.shape[0]
+                patches[b, s : s + m] = img.patches
+                noise[b, s : s + m] = img.noise
+                t[b, s : s + m] = img.t
+                image_loss[b, s : s + m] = img.loss
+                modality[b, s : s + m] = int(Modality.IMAGE)
+                image_id[b, s : s + m] = n_img
+                n_img += 1
+            off += n
+        doc_id[b, off:] = len(docs)
+    arrays = (tokens, targets, patches, noise, t, image_loss, modality, image_id, doc_id, doc_kind)
+    return Batch(*(torch.from_numpy(a) for a in arrays))

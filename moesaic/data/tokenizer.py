@@ -1,0 +1,170 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`), trained on world text or loaded.
+
+Special tokens (added to every tokenizer, ids fixed at 0..4 for trained ones):
+
+    <|pad|>  padding and the token id at image positions
+    <|bos|>  begins every document;  <|eos|> ends every document
+    <|boi|>  begins an image block;  <|eoi|> ends it
+
+`load_tokenizer(cfg, cache_dir)`:
+- `data.tokenizer` set: load that `tokenizer.json`. Special tokens it lacks are added to it
+  (ids appended after its vocabulary), so any byte-level or other HF tokenizer works; a file
+  that is missing or not a tokenizer raises `DataError`.
+- otherwise: train on a fixed corpus of the configured source's training split — for the world:
+  general text, captions in every register and visual questions, so every caption register and
+  mix shares one tokenizer and their text losses are comparable. The result is cached at
+  `cache_dir/tokenizers/<hash>/tokenizer.json` (written atomically), the hash covering
+  everything that determines it (corpus version, source, paths, seed, vocab size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from moesaic.config import DataConfig
+from moesaic.data.documents import SpecialIds
+from moesaic.errors import DataError
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|boi|>", "<|eoi|>")
+CORPUS_VERSION = "world-v1"
+TRAIN_DOCS = 4000  # general-text documents in the world training corpus
+
+
+class Tokenizer:
+    """A thin wrapper over an HF tokenizer that knows the special ids."""
+
+    def __init__(self, hf: HFTokenizer):
+        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        if missing:
+            hf.add_special_tokens(missing)
+        self.hf = hf
+        self.pad_id, self.bos_id, self.eos_id, self.boi_id, self.eoi_id = (
+            hf.token_to_id(t) for t in SPECIAL_TOKENS
+        )
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        self.added_special = missing
+
+    @property
+    def special(self) -> SpecialIds:
+        return SpecialIds(self.pad_id, self.bos_id, self.eos_id, self.boi_id, self.eoi_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without any special tokens."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def to_str(self) -> str:
+        return self.hf.to_str()
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json atomically (temp file + rename)."""
+        atomic_write(Path(path), self.hf.to_str())
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"data.tokenizer='{path}' does not exist; give a tokenizer.json path")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exceptions on bad files
+            raise DataError(
+                f"data.tokenizer='{path}' is not a Hugging Face tokenizer.json ({e})"
+            ) from None
+        return cls(hf)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE with the special tokens at ids 0..4 (deterministic)."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(corpus, trainer=trainer)
+    return Tokenizer(hf)
+
+
+def world_corpus(seed: int) -> Iterator[str]:
+    """The fixed world training corpus: general text, captions of every register, questions."""
+    from moesaic.data.world import captions, scenes, text
+
+    rng = random.Random(f"tokenizer-corpus:{seed}")
+    for i in range(TRAIN_DOCS):
+        yield text.general_document(rng)
+        scene = scenes.sample_scene(rng, "train")
+        yield captions.caption(scene, ("terse", "plain", "natural")[i % 3], rng)
+        if i % 4 == 0:
+            q, a = captions.question_answer(scene, rng)
+            yield f"{q} {a}"
+
+
+def tokenizer_key(cfg: DataConfig) -> dict:
+    """What determines a trained tokenizer (hashed into its cache directory)."""
+    key = {"corpus": CORPUS_VERSION, "source": cfg.source, "seed": cfg.seed}
+    key["vocab_size"] = cfg.vocab_size
+    if cfg.source != "world":
+        stats = []
+        for p in cfg.paths:
+            st = Path(p).stat() if Path(p).exists() else None
+            stats.append(
+                [str(Path(p).resolve()), st.st_size if st else -1, st.st_mtime_ns if st else -1]
+            )
+        key["paths"] = stats
+    return key
+
+
+def load_tokenizer(cfg: DataConfig, cache_dir: str | Path) -> Tokenizer:
+    """Load `data.tokenizer`, or train one on the source's text (cached; see module doc)."""
+    if cfg.tokenizer:
+        return Tokenizer.from_file(cfg.tokenizer)
+    key = tokenizer_key(cfg)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "tokenizers" / digest / "tokenizer.json"
+    if path.is_file():
+        try:
+            return Tokenizer(HFTokenizer.from_file(str(path)))
+        except Exception:
+            pass  # a damaged cache entry is rebuilt below
+    if cfg.source == "world":
+        corpus = list(world_corpus(cfg.seed))
+    else:
+        from moesaic.data.sources import source_corpus
+
+        corpus = source_corpus(cfg)
+    tok = train_tokenizer(corpus, cfg.vocab_size)
+    tok.save(path)
+    atomic_write(path.parent / "key.json", json.dumps(key, indent=1))
+    return tok

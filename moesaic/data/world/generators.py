@@ -1,0 +1,94 @@
+"""The registry of world document generators: the one place new kinds of world data plug in.
+
+A generator maps (rng, split, register) to a `Record` — raw content before tokenization. The
+packer lays a record out according to the mix key it was drawn for (see `documents.py`).
+`Record` already allows several images, so video clips plug in here without touching the
+packer: register e.g. `"clip"` returning the frames of objects moving across the grid (scenes
+re-rendered with shifted cells) and, for action-conditioned clips, the actions as text between
+frames; then give the new mix key a layout in `documents.py` and a `DocKind` id (5.. reserved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+
+import numpy as np
+
+from moesaic.data.world import captions, scenes, text
+
+
+@dataclasses.dataclass
+class Record:
+    """Raw content of one document: text and/or images (HWC float32 in [-1, 1])."""
+
+    text: str = ""
+    images: tuple[np.ndarray, ...] = ()
+    answer: str = ""  # for question records: `text` is the question
+    scene: scenes.Scene | None = None
+
+
+Generator = Callable[[random.Random, str, str, int], Record]
+GENERATORS: dict[str, Generator] = {}
+
+
+def register(name: str) -> Callable[[Generator], Generator]:
+    def deco(fn: Generator) -> Generator:
+        GENERATORS[name] = fn
+        return fn
+
+    return deco
+
+
+@register("text")
+def _general(rng: random.Random, split: str, register: str, image_size: int) -> Record:
+    return Record(text=text.general_document(rng))
+
+
+@register("ood_text")
+def _ood(rng: random.Random, split: str, register: str, image_size: int) -> Record:
+    return Record(text=text.ood_document(rng))
+
+
+@register("scene")
+def _scene(rng: random.Random, split: str, register: str, image_size: int) -> Record:
+    scene = scenes.sample_scene(rng, split)
+    cap = captions.caption(scene, register, rng)
+    return Record(text=cap, images=(scenes.render(scene, image_size),), scene=scene)
+
+
+@register("vqa")
+def _vqa(rng: random.Random, split: str, register: str, image_size: int) -> Record:
+    scene = scenes.sample_scene(rng, split)
+    q, a = captions.question_answer(scene, rng)
+    return Record(text=q, images=(scenes.render(scene, image_size),), answer=a, scene=scene)
+
+
+# Which generator feeds each mix key.
+GENERATOR_FOR_KIND = {
+    "text": "text",
+    "caption_image": "scene",
+    "image_caption": "scene",
+    "image": "scene",
+    "vqa": "vqa",
+    "ood_text": "ood_text",
+}
+
+
+class WorldSource:
+    """The built-in world as a packer source: every kind, generated on demand."""
+
+    kinds = tuple(GENERATOR_FOR_KIND)
+
+    def __init__(self, split: str, register: str, image_size: int):
+        from collections import Counter
+
+        captions.check_register(register)
+        scenes.layout(image_size)  # validates the size
+        self.split, self.register, self.image_size = split, register, image_size
+        self.skipped: Counter = Counter()  # the world never yields bad records
+
+    def record(self, kind: str, index: int, rng: random.Random) -> Record | None:
+        gen = GENERATORS[GENERATOR_FOR_KIND[kind]]
+        return gen(rng, self.split, self.register, self.image_size)
