@@ -72,6 +72,34 @@ class _Permute(torch.autograd.Function):
         return g_TKD.sum(1), None, None, None
 
 
+class _Combine(torch.autograd.Function):
+    """y_TD = Σ_j gate[t, j] · y_SD[inverse[t·k + j]] in fp32: one gather and one batched dot.
+
+    Backward gathers too (no scatter-add), so it is deterministic on every device.
+    """
+
+    @staticmethod
+    def forward(ctx, y_SD: Tensor, gate_TK: Tensor, order_S: Tensor, inverse_S: Tensor) -> Tensor:
+        T, k = gate_TK.shape
+        ctx.save_for_backward(y_SD, gate_TK, order_S, inverse_S)
+        y_TKD = y_SD.index_select(0, inverse_S).view(T, k, -1).float()
+        return torch.bmm(gate_TK.float().unsqueeze(1), y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, g_TD: Tensor):
+        y_SD, gate_TK, order_S, inverse_S = ctx.saved_tensors
+        T, k = gate_TK.shape
+        g_SD = g_TD.float().index_select(0, order_S // k)
+        grad_y = grad_gate = None
+        if ctx.needs_input_grad[1]:
+            dot_S = torch.bmm(y_SD.float().unsqueeze(1), g_SD.unsqueeze(2)).view(-1)
+            grad_gate = dot_S.index_select(0, inverse_S).view(T, k).to(gate_TK.dtype)
+        if ctx.needs_input_grad[0]:
+            gate_S = gate_TK.float().reshape(-1).index_select(0, order_S)
+            grad_y = g_SD.mul_(gate_S.unsqueeze(1)).to(y_SD.dtype)
+        return grad_y, grad_gate, None, None
+
+
 class _UnpermuteSum(torch.autograd.Function):
     """y_TD = Σ_k y_SD[inverse] viewed [T, k, D]: the adjoint of `_Permute`; gathers both ways."""
 
@@ -94,6 +122,11 @@ def permute(x_TD: Tensor, routing: Routing) -> Tensor:
 def unpermute_sum(y_SD: Tensor, routing: Routing) -> Tensor:
     """Sorted expert outputs back to token order, summed over each token's k slots: [T, D]."""
     return _UnpermuteSum.apply(y_SD, routing.token_S, routing.inverse_S, routing.k)
+
+
+def combine(y_SD: Tensor, gate_TK: Tensor, routing: Routing) -> Tensor:
+    """Σ over each token's k slots of gate · expert output, in fp32: [S, D] -> [T, D] f32."""
+    return _Combine.apply(y_SD, gate_TK, routing.order_S, routing.inverse_S)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -216,6 +249,4 @@ def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: n
     y_SD = experts(permute(x_TD, routing), routing.counts_E)
     if gate_TK is None:
         return unpermute_sum(y_SD, routing).to(x_TD.dtype)
-    gate_S = gate_TK.reshape(-1).index_select(0, routing.order_S).float()
-    y_SD = y_SD.float() * gate_S.unsqueeze(-1)
-    return unpermute_sum(y_SD, routing).to(x_TD.dtype)
+    return combine(y_SD, gate_TK, routing).to(x_TD.dtype)

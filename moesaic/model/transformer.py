@@ -186,8 +186,14 @@ class Transformer(nn.Module):
             block.ffn.reset_parameters(std, out_std)
 
     def uses_flex(self, device: torch.device) -> bool:
+        """`auto` picks FlexAttention on CUDA; on CPU it has no backward (inference only)."""
         if self.cfg.attention == "auto":
             return device.type == "cuda" and flex.flex_available()
+        if self.cfg.attention == "flex" and device.type != "cuda" and torch.is_grad_enabled():
+            raise ConfigError(
+                f"model.attention='flex' cannot train on {device.type} (FlexAttention has no "
+                "CPU backward); use model.attention=auto or sdpa"
+            )
         return self.cfg.attention == "flex"
 
     def embed(self, batch: Batch) -> Tensor:
