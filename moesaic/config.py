@@ -270,6 +270,24 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class DistConfig:
+    """Scale-out when launched with several processes (design.md §7); one process ignores it."""
+
+    backend: str = "auto"  # auto (nccl for CUDA tensors, gloo for CPU tensors) | gloo | nccl
+    reshard_after_forward: bool = True  # FSDP2: free gathered weights after forward (ZeRO-3)
+    expert_parallel: int = 1  # ranks sharing one MoE layer's experts (divides world and experts)
+    mixed_precision: bool = True  # bf16 on CUDA: gather bf16 weights, reduce gradients in fp32
+    timeout_s: float = 600.0  # a collective waiting longer than this fails the run
+    watchdog_s: float = 60.0  # a peer silent this long counts as dead (0 = no watchdog)
+
+    def validate(self, path: str = "dist") -> None:
+        _check_choice(f"{path}.backend", self.backend, ("auto", "gloo", "nccl"))
+        _check_positive(f"{path}.expert_parallel", self.expert_parallel)
+        _check_positive(f"{path}.timeout_s", self.timeout_s)
+        _check_positive(f"{path}.watchdog_s", self.watchdog_s, allow_zero=True)
+
+
+@dataclasses.dataclass
 class Config:
     name: str = "run"
     out: str = "runs"
@@ -278,6 +296,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    dist: DistConfig = dataclasses.field(default_factory=DistConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
