@@ -95,32 +95,30 @@ def assemble(
     n_text = sum(len(s[1]) for s in segments if s[0] == "text")
     budget = max_len - n_fixed
     truncated = max(0, n_text - budget)
-    tok_parts: list[list[int]] = [[ids.bos]]
-    flag_parts: list[list[bool]] = [[False]]
+    toks: list[int] = [ids.bos]
+    flags: list[bool] = [False]
     images: list[ImageBlock] = []
-    pos, last_flag, remaining = 1, False, budget
+    last_flag, remaining = False, budget
     for seg in segments:
         if seg[0] == "text":
-            part = list(seg[1][: max(remaining, 0)])
+            part = seg[1][: max(remaining, 0)]
             remaining -= len(part)
-            tok_parts.append(part)
-            flag_parts.append([seg[2]] * len(part))
-            pos += len(part)
+            toks += part
+            flags += [seg[2]] * len(part)
             last_flag = seg[2]
         else:
             _, patches, noise, t, loss, boi_flag = seg
             m = patches.shape[0]
-            tok_parts += [[ids.boi], [ids.pad] * m, [ids.eoi]]
-            flag_parts += [[boi_flag], [False] * m, [False]]
-            images.append(ImageBlock(pos + 1, patches, noise, float(t), bool(loss)))
-            pos += m + 2
+            images.append(ImageBlock(len(toks) + 1, patches, noise, float(t), bool(loss)))
+            toks += [ids.boi] + [ids.pad] * m + [ids.eoi]
+            flags += [boi_flag] + [False] * (m + 1)
             last_flag = boi_flag
-    tok_parts.append([ids.eos])
-    flag_parts.append([last_flag])
-    tokens = np.fromiter((x for p in tok_parts for x in p), dtype=np.int64)
-    flags = np.fromiter((x for p in flag_parts for x in p), dtype=bool, count=len(tokens))
+    toks.append(ids.eos)
+    flags.append(last_flag)
+    tokens = np.array(toks, dtype=np.int64)
+    flag_arr = np.array(flags, dtype=bool)
     targets = np.full(len(tokens), -1, dtype=np.int64)
-    targets[:-1] = np.where(flags[1:], tokens[1:], -1)
+    targets[:-1] = np.where(flag_arr[1:], tokens[1:], -1)
     return Doc(kind, tokens, targets, images, key, truncated)
 
 

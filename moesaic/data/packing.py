@@ -37,7 +37,7 @@ from moesaic.batch import Batch, DocKind, Modality
 from moesaic.config import DataConfig
 from moesaic.data.documents import KIND_OF, Doc, assemble, flow_time, min_image_doc_len
 from moesaic.data.world.generators import Record
-from moesaic.data.world.scenes import derive_seed, patchify
+from moesaic.data.world.scenes import derive_seed, mix64, patchify
 from moesaic.errors import ConfigError, DataError
 
 LOOKAHEAD = 4
@@ -84,6 +84,22 @@ class DocFactory:
         self.cfg, self.tok, self.source, self.opts = cfg, tok, source, opts
         self.ids = tok.special
         self.split_id, self.seed = SPLIT_IDS[split], seed
+        # One PCG64 re-seeded per document: the same numbers as a fresh generator would give
+        # for that document, without the cost of building one (SeedSequence) every time.
+        self._bitgen = np.random.PCG64(0)
+        self._gen = np.random.Generator(self._bitgen)
+
+    def _noise(self, s: int, shape: tuple[int, ...]) -> np.ndarray:
+        """ε for the document with seed `s`: a pure function of (s, shape)."""
+        state = (mix64(s) << 64) | mix64(s ^ 0x6E6F697365)
+        inc = (mix64(s ^ 0x696E63) << 1) | 1
+        self._bitgen.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": state, "inc": inc},
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        return self._gen.standard_normal(shape, dtype=np.float32)
 
     def __call__(self, kind: str, g: int) -> Doc | None:
         s = derive_seed(self.seed, self.split_id, KIND_IDS[kind], g, self.opts.salt)
@@ -95,7 +111,7 @@ class DocFactory:
         if kind in ("text", "ood_text"):
             return assemble(kind, [("text", self.tok.encode(rec.text), True)], self.ids, key, L)
         patches = patchify(rec.images[0], self.cfg.patch_size)
-        noise = np.random.default_rng(s).standard_normal(patches.shape, dtype=np.float32)
+        noise = self._noise(s, patches.shape)
         if kind in ("caption_image", "image"):
             t = flow_time(rng.random(), opts.time_shift)
         else:

@@ -151,19 +151,26 @@ def derive_seed(*parts: int) -> int:
 
 
 def _random_scene(rng: random.Random, force_held_out: bool) -> Scene:
+    """Test scenes: the first object has a held-out pair, the others any pair. Train/val
+    scenes: only allowed pairs (sampled directly, so no rejection is needed for them)."""
     n = rng.randint(1, MAX_OBJECTS)
     cells = rng.sample(range(9), n)
     objects = []
     for i, cell in enumerate(cells):
         if force_held_out and i == 0:
             shape, colour = rng.choice(_HELD_OUT_LIST)
-        else:
+        elif force_held_out:
             shape, colour = rng.randrange(len(SHAPES)), rng.randrange(len(COLOURS))
+        else:
+            shape, colour = rng.choice(_ALLOWED_LIST)
         objects.append(SceneObject(cell, shape, colour, rng.randrange(len(SIZES))))
     return Scene(tuple(sorted(objects)), rng.randrange(len(BACKGROUNDS)))
 
 
 _HELD_OUT_LIST = sorted(HELD_OUT_PAIRS)
+_ALLOWED_LIST = sorted(
+    (s, c) for s in range(len(SHAPES)) for c in range(len(COLOURS)) if (s, c) not in HELD_OUT_PAIRS
+)
 
 
 def sample_scene(rng: random.Random, split: str = "train") -> Scene:
