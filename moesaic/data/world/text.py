@@ -19,154 +19,31 @@ import random
 from moesaic.data.world.captions import NUMBER_WORDS
 from moesaic.data.world.scenes import COLOURS, SHAPES
 
-NAMES = [
-    "Anna",
-    "Ben",
-    "Clara",
-    "David",
-    "Emma",
-    "Felix",
-    "Greta",
-    "Hugo",
-    "Ida",
-    "Jonas",
-    "Kira",
-    "Leo",
-    "Mia",
-    "Noah",
-    "Olga",
-    "Paul",
-    "Rosa",
-    "Sam",
-    "Tara",
-    "Umar",
-    "Vera",
-    "Will",
-    "Yara",
-    "Zoe",
-    "Mara",
-    "Theo",
-    "Lina",
-    "Omar",
-    "Nora",
-    "Ivan",
-    "Elsa",
-    "Tom",
-    "Lucy",
-    "Max",
-    "Ada",
-]
-PLACES = [
-    "market",
-    "garden",
-    "library",
-    "harbour",
-    "forest",
-    "station",
-    "kitchen",
-    "school",
-    "bakery",
-    "river",
-    "bridge",
-    "museum",
-    "village",
-    "hill",
-    "farm",
-    "beach",
-    "castle",
-    "park",
-    "square",
-    "workshop",
-    "tower",
-    "meadow",
-    "lake",
-    "cave",
-    "orchard",
-]
-THINGS = [
-    "ball",
-    "box",
-    "book",
-    "lamp",
-    "kite",
-    "cup",
-    "basket",
-    "key",
-    "letter",
-    "map",
-    "hat",
-    "coat",
-    "bottle",
-    "drum",
-    "flute",
-    "ladder",
-    "bicycle",
-    "candle",
-    "blanket",
-    "shovel",
-    "bucket",
-    "rope",
-    "bell",
-    "clock",
-    "mirror",
-    "painting",
-    "jar",
-    "wagon",
-    "boat",
-]
-ANIMALS = [
-    "cat",
-    "dog",
-    "horse",
-    "goat",
-    "owl",
-    "fox",
-    "rabbit",
-    "duck",
-    "mouse",
-    "sheep",
-    "crow",
-    "frog",
-    "bee",
-    "deer",
-]
-FOODS = [
-    "apples",
-    "pears",
-    "plums",
-    "cherries",
-    "carrots",
-    "onions",
-    "eggs",
-    "nuts",
-    "lemons",
-    "figs",
-    "grapes",
-    "beans",
-]
-ADJECTIVES = [
-    "old",
-    "new",
-    "heavy",
-    "light",
-    "bright",
-    "quiet",
-    "noisy",
-    "warm",
-    "cold",
-    "tiny",
-    "huge",
-    "shiny",
-    "dusty",
-    "broken",
-    "strange",
-    "lovely",
-    "simple",
-    "wooden",
-    "golden",
-    "tall",
-    "narrow",
-]
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+NAMES = _words(
+    "Anna Ben Clara David Emma Felix Greta Hugo Ida Jonas Kira Leo Mia Noah Olga Paul "
+    "Rosa Sam Tara Umar Vera Will Yara Zoe Mara Theo Lina Omar Nora Ivan Elsa Tom Lucy "
+    "Max Ada"
+)
+PLACES = _words(
+    "market garden library harbour forest station kitchen school bakery river bridge "
+    "museum village hill farm beach castle park square workshop tower meadow lake cave "
+    "orchard"
+)
+THINGS = _words(
+    "ball box book lamp kite cup basket key letter map hat coat bottle drum flute ladder "
+    "bicycle candle blanket shovel bucket rope bell clock mirror painting jar wagon boat"
+)
+ANIMALS = _words("cat dog horse goat owl fox rabbit duck mouse sheep crow frog bee deer")
+FOODS = _words("apples pears plums cherries carrots onions eggs nuts lemons figs grapes beans")
+ADJECTIVES = _words(
+    "old new heavy light bright quiet noisy warm cold tiny huge shiny dusty broken "
+    "strange lovely simple wooden golden tall narrow"
+)
 FEELINGS = ["happy", "tired", "curious", "worried", "proud", "surprised", "calm", "excited", "sad"]
 VERBS = (  # (present, past)
     ("find", "found"),
@@ -191,23 +68,7 @@ TIMES = [
     "Long ago",
     "Yesterday",
 ]
-_SYL_A = [
-    "ka",
-    "lo",
-    "mi",
-    "ter",
-    "va",
-    "ro",
-    "su",
-    "den",
-    "bri",
-    "ash",
-    "mor",
-    "el",
-    "fen",
-    "gal",
-    "hu",
-]
+_SYL_A = _words("ka lo mi ter va ro su den bri ash mor el fen gal hu")
 _SYL_B = ["ren", "dor", "wick", "ton", "mar", "lia", "sen", "bury", "vale", "holm", "stad", "ria"]
 
 
@@ -306,11 +167,77 @@ def _world_facts(rng: random.Random) -> str:
     return " ".join(sorted(rng.sample(s, k), key=s.index))
 
 
+PROFESSIONS = _words(
+    "baker farmer teacher doctor sailor painter carpenter gardener miner weaver potter "
+    "fisher judge nurse pilot singer tailor guard merchant builder"
+)
+HABITATS = _words(
+    "forests deserts rivers mountains meadows swamps islands caves reefs valleys "
+    "grasslands hedges ponds cliffs"
+)
+ANIMAL_FACTS = _words(
+    "badger beaver camel dolphin eagle falcon ferret gecko heron hedgehog jackal koala "
+    "lizard lynx magpie moose otter panda parrot pelican penguin raccoon salmon seal "
+    "squirrel swan tiger turtle walrus weasel whale wolf zebra"
+)
+DIETS = _words("insects seeds berries fish leaves grass roots worms fruit shellfish mice")
+MONTHS = _words(
+    "January February March April May June July August September October November December"
+)
+QUESTIONS = (
+    "Where is my {thing}?",
+    "Have you seen the {thing}?",
+    "Can you help me carry the {thing}?",
+    "Why is the {thing} so {adj}?",
+)
+
+
+def _animals(rng: random.Random) -> str:
+    animals = rng.sample(ANIMAL_FACTS, 3)
+    s = [
+        f"The {a} lives in {rng.choice(HABITATS)} and mostly eats {rng.choice(DIETS)}."
+        for a in animals
+    ]
+    s.append(
+        f"A grown {animals[0]} can weigh about {rng.randint(2, 900)} kilograms, while a young "
+        f"one weighs much less."
+    )
+    s.append(f"Unlike the {animals[1]}, the {animals[2]} is most active at night.")
+    return " ".join(s[: rng.randint(2, len(s))])
+
+
+def _dialogue(rng: random.Random) -> str:
+    a, b = rng.sample(NAMES, 2)
+    thing, place = rng.choice(THINGS), rng.choice(PLACES)
+    q = rng.choice(QUESTIONS).format(thing=thing, adj=rng.choice(ADJECTIVES))
+    when = rng.choice(("lunch", "dinner", "school", "the rain"))
+    return (
+        f'"{q}" asked {a}. "I think it is in the {place}," said {b}, who was a '
+        f'{rng.choice(PROFESSIONS)}. "Let us look together after {when}," '
+        f"{a} replied. They found it on the {rng.randint(1, 28)}th of {rng.choice(MONTHS)}."
+    )
+
+
+def _history(rng: random.Random) -> str:
+    town, person = entity(rng), rng.choice(NAMES)
+    year = rng.randint(1200, 2020)
+    job, later = rng.choice(PROFESSIONS), year + rng.randint(5, 120)
+    return (
+        f"In {year}, a {job} named {person} founded the town of {town}. By {later} "
+        f"it had {rng.randint(2, 90) * 100} inhabitants. The old "
+        f"{rng.choice(PLACES)} of {town} was built in {year + rng.randint(1, 300)} and still "
+        f"stands today. Every {rng.choice(MONTHS)}, people from {entity(rng)} come to visit it."
+    )
+
+
 GENERAL_GENRES = {
     "story": _story,
     "relations": _relations,
     "counting": _counting,
     "world": _world_facts,
+    "animals": _animals,
+    "dialogue": _dialogue,
+    "history": _history,
 }
 
 
@@ -323,30 +250,8 @@ def general_document(rng: random.Random) -> str:
 
 _WEATHER = ["sunny", "cloudy", "foggy", "rainy", "stormy", "windy", "snowy", "humid", "overcast"]
 _DIRS = ["north", "south", "east", "west", "northeast", "southwest"]
-_INGREDIENTS = [
-    "flour",
-    "butter",
-    "sugar",
-    "milk",
-    "yeast",
-    "cinnamon",
-    "vanilla",
-    "honey",
-    "oats",
-    "cocoa",
-]
-_STEPS = [
-    "whisk",
-    "knead",
-    "simmer",
-    "bake",
-    "stir",
-    "fold",
-    "chill",
-    "sprinkle",
-    "drizzle",
-    "grate",
-]
+_INGREDIENTS = _words("flour butter sugar milk yeast cinnamon vanilla honey oats cocoa")
+_STEPS = _words("whisk knead simmer bake stir fold chill sprinkle drizzle grate")
 _TEAMS = ["Riverton", "Ashford", "Millbrook", "Stonegate", "Oakridge", "Fairhaven", "Kingsbury"]
 
 
