@@ -1,0 +1,27 @@
+"""The built-in synthetic multimodal world (design.md §6): scenes and their rendering
+(`scenes`), the exact scene parser (`parser`), captions and visual questions as structured
+templates (`captions`), general and out-of-distribution text (`text`), and the registry of
+document generators where new kinds of world data (video clips) plug in (`generators`)."""
+
+from moesaic.data.world.captions import REGISTERS, attribute_phrases, caption, question_answer
+from moesaic.data.world.generators import GENERATORS, Record, WorldSource, register
+from moesaic.data.world.parser import ParsedScene, parse_scene, parse_scenes
+from moesaic.data.world.scenes import Scene, SceneObject, render, sample_scene
+
+__all__ = [
+    "GENERATORS",
+    "REGISTERS",
+    "ParsedScene",
+    "Record",
+    "Scene",
+    "SceneObject",
+    "WorldSource",
+    "attribute_phrases",
+    "caption",
+    "parse_scene",
+    "parse_scenes",
+    "question_answer",
+    "register",
+    "render",
+    "sample_scene",
+]
