@@ -177,3 +177,12 @@ def test_dispatch_property(T, E, k_frac, skew, seed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     ref = reference_moe(x, expert_TK, gate_TK, make(E, D, H, "split", seed))
     torch.testing.assert_close(ys, ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_backward_matches_autograd():
+    from moesaic.model.dispatch import swiglu
+
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (x,))
+    gate, up = x.detach().chunk(2, -1)
+    torch.testing.assert_close(swiglu(x), F.silu(gate) * up)
