@@ -34,9 +34,14 @@ def test_loss_decreases(tmp_path, kind):
     summary = Trainer(cfg).run()
     assert summary["status"] == "finished" and summary["skipped_steps"] == 0
     rows = _losses(tmp_path / "tiny")
-    first = sum(r["text_loss"] + r["image_loss"] for r in rows[:5]) / 5
-    last = sum(r["text_loss"] + r["image_loss"] for r in rows[-5:]) / 5
-    assert last < 0.8 * first, (first, last)
+
+    def mean(key, part):
+        return sum(r[key] for r in part) / len(part)
+
+    # 40 steps of 128 tokens: text falls by well over half a nat; image loss is noisier (one
+    # flow time per image), so only the total is required to fall with it.
+    assert mean("text_loss", rows[-5:]) < mean("text_loss", rows[:5]) - 0.5
+    assert mean("loss", rows[-5:]) < mean("loss", rows[:5]) - 0.5
     assert set(summary["eval"]) >= {"text/text", "ood_text/text", "image/image"}
 
 
@@ -151,16 +156,16 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
         assert torch.isfinite(t).all()
 
 
-def test_resume_refusals(tmp_path):
+def test_resume_refusals(tmp_path, capsys):
     cfg = _cfg(tmp_path, "train.steps=4", "eval.every=0", "train.checkpoint_every=2")
     Trainer(cfg).run()
     run_dir = tmp_path / "tiny"
-    with pytest.raises(ConfigError, match="cannot change when resuming"):
-        main(["train", "--resume", str(run_dir), "model.dim=64"])
+    assert main(["train", "--resume", str(run_dir), "model.dim=64"]) == 2
+    assert "cannot change when resuming" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="already exists"):
         Trainer(cfg)
-    with pytest.raises(CheckpointError, match="no config.yaml"):
-        main(["train", "--resume", str(tmp_path / "nowhere")])
+    assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
     # newest checkpoint truncated: reported and skipped, the previous one is used
     newest = sorted((run_dir / "checkpoints").iterdir())[-1]
     model_file = newest / "model.safetensors"
