@@ -48,6 +48,22 @@ def test_attention_mask_by_hand():
     ]
 
 
+def test_rotary_depends_only_on_relative_position():
+    from moesaic.model.transformer import Rotary, apply_rotary
+
+    rot = Rotary(8, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(pq: int, pk: int) -> float:
+        rq, rk = rot(torch.tensor([[pq]])), rot(torch.tensor([[pk]]))
+        return float((apply_rotary(q, *rq) * apply_rotary(k, *rk)).sum())
+
+    assert score(7, 3) == pytest.approx(score(104, 100), abs=1e-5)
+    assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
+    rq = rot(torch.tensor([[9]]))
+    assert float(apply_rotary(q, *rq).norm()) == pytest.approx(float(q.norm()), rel=1e-5)
+
+
 MASK_KINDS = [tiny_config(), moe_config(), tiny_config(kind="modality")]
 
 

@@ -62,7 +62,11 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding tables: positions [B, L] -> (cos, sin) [B, L, 1, d/2]."""
+    """Rotary position embedding tables: positions [B, L] -> (cos, sin) [B, L, 1, d/2].
+
+    Channel i of each head's first half rotates with channel i of its second half by angle
+    position · theta^(−2i/d).
+    """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
@@ -75,6 +79,7 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x_BLHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate q or k in fp32: [B, L, H, d] with tables [B, L, 1, d/2]."""
     x1, x2 = x_BLHd.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BLHd.dtype)
 
