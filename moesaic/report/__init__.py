@@ -1,0 +1,1 @@
+"""Figures (matplotlib, Agg) and the self-contained HTML report of a study."""

@@ -1,0 +1,127 @@
+"""A self-contained HTML report: text, tables and figures embedded as base64 PNG.
+
+Nothing in the page refers to another file or URL, so `report.html` can be mailed, archived or
+opened offline. All text passes through `html.escape`. A small inline script checks, once the
+page has loaded, that every image decoded (`complete && naturalWidth > 0`) and records the
+outcome on `<body data-render="ok:N">` (or `broken:...`), together with any script error;
+the rendering test reads it from headless Chromium's DOM dump.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1100px; color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { margin-top: 1.8em; border-bottom: 1px solid #bbb; }
+table { border-collapse: collapse; margin: .8em 0; font-size: .92em; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+th { background: #f2f2f2; }
+td:first-child, th:first-child { text-align: left; }
+caption { caption-side: bottom; font-size: .85em; color: #555; padding-top: .3em; }
+figure { margin: 1em 0; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: .85em; color: #555; }
+.note { background: #f7f7f0; border-left: 4px solid #cc9; padding: .5em 1em; }
+code { background: #f3f3f3; padding: 0 .2em; }
+"""
+
+# Runs on load: verifies every <img> decoded and reports script errors, into the DOM.
+RENDER_CHECK = """
+(function () {
+  var errors = [];
+  window.addEventListener("error", function (e) { errors.push(String(e.message)); });
+  window.addEventListener("load", function () {
+    var imgs = document.getElementsByTagName("img"), bad = [];
+    for (var i = 0; i < imgs.length; i++) {
+      if (!(imgs[i].complete && imgs[i].naturalWidth > 0)) { bad.push(imgs[i].alt || i); }
+    }
+    var status = bad.length ? "broken:" + bad.join("|") : "ok:" + imgs.length;
+    if (errors.length) { status += ";errors:" + errors.join("|"); }
+    document.body.setAttribute("data-render", status);
+  });
+})();
+"""
+
+
+def esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def png_bytes(fig: Any, dpi: int = 90) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+class HtmlReport:
+    """Builds one self-contained page; every method escapes what it is given."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.parts: list[str] = [f"<h1>{esc(title)}</h1>"]
+
+    def heading(self, text: str, level: int = 2, anchor: str | None = None) -> None:
+        ident = f' id="{esc(anchor)}"' if anchor else ""
+        self.parts.append(f"<h{level}{ident}>{esc(text)}</h{level}>")
+
+    def paragraph(self, text: str, css: str | None = None) -> None:
+        cls = f' class="{esc(css)}"' if css else ""
+        self.parts.append(f"<p{cls}>{esc(text)}</p>")
+
+    def bullets(self, items: Sequence[str]) -> None:
+        self.parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>")
+
+    def code(self, text: str) -> None:
+        self.parts.append(f"<pre><code>{esc(text)}</code></pre>")
+
+    def table(
+        self, header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None
+    ) -> None:
+        head = "".join(f"<th>{esc(h)}</th>" for h in header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows
+        )
+        cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+        self.parts.append(
+            f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        )
+
+    def figure(self, fig_or_png: Any, caption: str, alt: str | None = None) -> None:
+        """Embed a matplotlib figure (closed afterwards) or PNG bytes."""
+        png = fig_or_png if isinstance(fig_or_png, bytes) else png_bytes(fig_or_png)
+        self.parts.append(
+            f'<figure><img src="{data_uri(png)}" alt="{esc(alt or caption)}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
+        )
+
+    def html(self) -> str:
+        body = "\n".join(self.parts)
+        return (
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{esc(self.title)}</title><style>{STYLE}</style>"
+            f"<script>{RENDER_CHECK}</script></head>\n<body>\n{body}\n</body></html>\n"
+        )
+
+    def write(self, path: str | Path) -> Path:
+        from moesaic.train.checkpoint import atomic_write_text
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, self.html())
+        return path
