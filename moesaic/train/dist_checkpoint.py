@@ -1,0 +1,342 @@
+"""Sharded checkpoints of multi-process runs; they resume with any number of processes.
+
+A run with one process writes the single-process layout of `checkpoint.py`. A run with N > 1
+processes writes, under the same `step-XXXXXXXX` name and with the same atomic rename:
+
+    step-00000100/
+        dcp/shard-0000R-model-00001-of-00001.safetensors
+                           each rank's shards of the model and optimizer state, written by
+                           torch.distributed.checkpoint (DCP) with its safetensors storage: the
+                           global offset of every shard is JSON in the file header
+        model.safetensors  the full model weights, gathered on rank 0: the file to share, and
+                           what evaluation and sampling read, as for a single-process run
+        rng.safetensors    every rank's RNG state (`cpu/<rank>`, `cuda/<rank>`)
+        state.json         format tag, `"layout": "sharded"`, world size, step, config
+                           fingerprint, every rank's data-stream position, trainer counters,
+                           size + sha256 of every file
+
+Loading reads the shards through DCP, which reshards them onto whatever layout the loading
+model has: N ranks, M ranks, any expert-parallel size, or one process with plain tensors.
+Nothing is unpickled: DCP's default file storage keeps its index as a pickle (`.metadata`),
+which is why this module uses DCP's safetensors storage instead, whose index is the JSON in
+the shard headers. Checkpoints in that other format (written by other tools) must only be
+loaded from trusted sources; share weights as `model.safetensors`.
+
+A run resumed with a different number of processes cannot continue each rank's data stream
+exactly (the documents are dealt out round-robin by rank); `restart_stream_state` starts the
+new ranks after every document any old rank drew, so no document is seen twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from moesaic.errors import CheckpointError
+from moesaic.train import checkpoint as ckpt
+from moesaic.train.distributed import all_gather_object, barrier, broadcast_object, current_world
+
+LAYOUT = "sharded"
+DCP_DIR = "dcp"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns whenever it runs without a process group; here that is intended."""
+    with warnings.catch_warnings():
+        if not _distributed():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Model and optimizer tensors keyed by parameter name (sharded where the model is).
+
+    Optimizer hyper-parameters are left out (they come from the config), so only tensors go
+    to disk. Creates the optimizer's state first if it has none yet.
+    """
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": {"state": optim_sd["state"]}}
+
+
+def save_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Every rank writes its own shards of model (+ optimizer) state into `directory`."""
+    writer = dcp.HuggingFaceStorageWriter(str(directory), save_distributed=True)
+    with _single_process_ok():
+        dcp.save(sharded_state(model, optimizer), storage_writer=writer, no_dist=not _distributed())
+
+
+def load_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load shards written by `save_dcp` at any world size into this model's layout."""
+    state = sharded_state(model, optimizer)
+    reader = dcp.HuggingFaceStorageReader(str(directory))
+    try:
+        with _single_process_ok():
+            dcp.load(state, storage_reader=reader, no_dist=not _distributed())
+    except (Exception, dcp.CheckpointException) as e:  # names the mismatched keys
+        raise CheckpointError(
+            f"sharded checkpoint '{directory}' does not fit the model ({str(e).splitlines()[0]})"
+        ) from None
+    if optimizer is not None:
+        groups = get_state_dict(model, optimizer)[1]["param_groups"]
+        optim_sd = {"state": state["optimizer"]["state"], "param_groups": groups}
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_sd)
+    else:
+        set_model_state_dict(model, state["model"])
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All model weights as full CPU tensors on rank 0 (empty elsewhere); all ranks must call."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # Gathering 2-D (FSDP x expert) shards takes two all-gathers, which torch warns about.
+    log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return get_model_state_dict(model, options=options)
+    finally:
+        log.setLevel(level)
+
+
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_tensors: dict[str, torch.Tensor],
+) -> None:
+    """Load a single-process checkpoint (full tensors on every rank) into a sharded model.
+
+    `optimizer_tensors` are named `<param name>/<state key>` as in `optim.py`.
+    """
+    groups = get_state_dict(model, optimizer)[1]["param_groups"]
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for full_name, value in optimizer_tensors.items():
+        name, key = full_name.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    try:
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=model_state,
+            optim_state_dict={"state": state, "param_groups": groups},
+            options=StateDictOptions(full_state_dict=True),
+        )
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint does not fit the model ({e})") from None
+
+
+# ---------------------------------------------------------------------------------- layout
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": ckpt._sha256(path)}
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng_tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` of a multi-process run atomically; every rank must call.
+
+    `rng_tensors` and `state["data"]` are this rank's; the rest of `state` is rank 0's.
+    """
+    world = current_world()
+    root = Path(root)
+    final = root / ckpt.checkpoint_dir_name(step)
+    tmp = root / broadcast_object(f".tmp-{final.name}-{os.getpid()}")
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / DCP_DIR).mkdir(parents=True)
+    barrier()
+    save_dcp(tmp / DCP_DIR, model, optimizer)
+    weights = full_model_state(model)
+    rngs = all_gather_object({k: v.cpu() for k, v in rng_tensors.items()})
+    data = all_gather_object(state.get("data"))
+    if world.is_main:
+        rng = {f"{k}/{r}": v for r, d in enumerate(rngs) for k, v in d.items()}
+        payloads = {"model.safetensors": weights, "rng.safetensors": rng}
+        for name, tensors in payloads.items():
+            save_file(ckpt._unique_tensors(tensors), str(tmp / name))
+            ckpt._fsync_file(tmp / name)
+        files = {
+            str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*.safetensors"))
+        }
+        body = {
+            **state,
+            "format": ckpt.FORMAT,
+            "layout": LAYOUT,
+            "world_size": world.world_size,
+            "step": step,
+            "files": files,
+            "data": data,
+        }
+        ckpt.atomic_write_text(tmp / "state.json", json.dumps(body, indent=1, sort_keys=True))
+        ckpt._fsync_dir(tmp / DCP_DIR)
+        ckpt._fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        ckpt._fsync_dir(root)
+        ckpt.prune_checkpoints(root, keep)
+    barrier()
+    return final
+
+
+def verify_sharded(path: Path, fingerprint: str | None = None) -> ckpt.Checkpoint:
+    """Parse and verify a sharded checkpoint; raise CheckpointError naming what is wrong."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"'{path}' is not a moesaic checkpoint (no state.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"'{path / 'state.json'}' is truncated or not JSON") from None
+    if state.get("format") != ckpt.FORMAT or state.get("layout") != LAYOUT:
+        raise CheckpointError(f"'{path}' is not a sharded moesaic checkpoint (format tag)")
+    files = state.get("files", {})
+    if "model.safetensors" not in files or not any(f.startswith(DCP_DIR) for f in files):
+        raise CheckpointError(f"sharded checkpoint '{path}' lists no model or shard files")
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint '{path}' is missing {name}")
+        if file.stat().st_size != meta["bytes"]:
+            raise CheckpointError(
+                f"checkpoint file '{file}' is truncated ({file.stat().st_size} of "
+                f"{meta['bytes']} bytes)"
+            )
+        if ckpt._sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint file '{file}' is corrupt (sha256 mismatch)")
+    if fingerprint is not None and state.get("config_fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint '{path}' was written by a different config; resume with the run's own "
+            "config (see config.yaml in the run directory) or start a new run"
+        )
+    return ckpt.Checkpoint(path=path, step=int(state["step"]), state=state)
+
+
+def verify_any(path: Path, fingerprint: str | None = None) -> ckpt.Checkpoint:
+    """Verify a checkpoint of either layout."""
+    if is_sharded(path):
+        return verify_sharded(path, fingerprint)
+    return ckpt.verify_checkpoint(path, fingerprint)
+
+
+def latest_any_checkpoint(
+    root: Path, fingerprint: str | None = None
+) -> tuple[ckpt.Checkpoint | None, list[str]]:
+    """The newest checkpoint of either layout that verifies, plus why newer ones did not."""
+    rejected = []
+    for path in reversed(ckpt.list_checkpoints(root)):
+        try:
+            return verify_any(path, fingerprint), rejected
+        except CheckpointError as e:
+            if "different config" in str(e):
+                raise
+            rejected.append(str(e))
+    return None, rejected
+
+
+# ---------------------------------------------------------------------------------- data, RNG
+
+
+def stream_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-rank data-stream states of a checkpoint of either layout."""
+    data = state["data"]
+    return list(data) if isinstance(data, list) else [data]
+
+
+def restart_stream_state(states: list[dict[str, Any]], rank: int, world_size: int) -> dict:
+    """A stream state for `rank` of `world_size` that follows every document `states` drew.
+
+    Rank r of N draws the documents g ≡ r (mod N) of each kind, so the old ranks drew only
+    documents g < max_r counters_r·N; the new ranks start at the first multiple of the new
+    world size past that. Documents the old ranks held over for their next row are skipped,
+    never repeated. Token shares (`produced`) are carried over per rank, so the mix stays on
+    target; counts of skipped records and statistics go to rank 0.
+    """
+    try:
+        old = len(states)
+        kinds = list(states[0]["counters"])
+        counters, produced = {}, {}
+        for k in kinds:
+            start = max(int(s["counters"][k]) * old for s in states)
+            counters[k] = math.ceil(start / world_size)
+            produced[k] = round(sum(int(s["produced"][k]) for s in states) / world_size)
+        totals: dict[str, dict[str, int]] = {"stats": {}, "skipped": {}}
+        for name, total in totals.items():
+            for s in states:
+                for key, v in s.get(name, {}).items():
+                    total[key] = total.get(key, 0) + int(v)
+        rows = sum(int(s["rows"]) for s in states) // world_size
+        return {
+            "version": states[0]["version"],
+            "rank": rank,
+            "world_size": world_size,
+            "counters": counters,
+            "produced": produced,
+            "pending": [],
+            "rows": rows,
+            "stats": totals["stats"] if rank == 0 else {},
+            "skipped": totals["skipped"] if rank == 0 else {},
+        }
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot move this checkpoint's data-stream position to {world_size} processes "
+            f"(unexpected stream state: {e!r}); resume with the world size it was saved with"
+        ) from None
+
+
+def rank_stream_state(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's stream state: its own when the world size is unchanged, else a restart."""
+    states = stream_states(state)
+    if len(states) == world_size:
+        return states[rank]
+    return restart_stream_state(states, rank, world_size)
+
+
+def rank_rng(rng: dict[str, torch.Tensor], rank: int, world_size: int, saved_world: int):
+    """This rank's saved RNG states ({"cpu": ..., "cuda": ...}) or {} if the world changed."""
+    if saved_world != world_size:
+        return {}
+    if world_size == 1 and "cpu" in rng:
+        return rng
+    prefix = f"/{rank}"
+    return {k[: -len(prefix)]: v for k, v in rng.items() if k.endswith(prefix)}
