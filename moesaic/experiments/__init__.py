@@ -1,0 +1,1 @@
+"""Studies that combine many runs: `compete` (the modality tax per architecture arm)."""

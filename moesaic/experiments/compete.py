@@ -1,0 +1,351 @@
+"""The modality-competition study: per arm, a text-only, an image-only and a joint run.
+
+Data ("same data"). With seed s every run uses `data.seed = train.seed = s`; a document of a
+given kind and index is a pure function of the data seed (moesaic.data.packing), whatever the
+mix. The three runs of an arm:
+
+    text   `data.mix = {text: 1}`, `text_steps` steps
+    image  `data.mix = study.image_mix` (caption→image pairs and bare images), `image_steps`
+           steps, `data.caption_loss = false`: the captions are conditioning only
+    joint  `text_steps + image_steps` steps, `data.mix` = the document tokens per kind that
+           the two unimodal streams produce (measured by replaying them before training)
+
+Because the packer's scheduler keeps every kind exactly at its token share, the joint stream
+draws the same text documents as the text-only run and the same image documents as the
+image-only run, in the same order, interleaved: the joint run sees the union of the unimodal
+runs' data (equal token budget per modality) and nothing else. `data.caption_loss = false`
+everywhere, so every loss-bearing token of the joint run is one that a unimodal run also trains
+on. After training, the joint stream's actual tokens per kind are compared with the unimodal
+ones ("coverage" in summary.json; 1.0 = identical, deviations come from row packing only).
+All arms of a seed see identical data, at the same active FFN compute per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moesaic.config import Config, load_config
+from moesaic.errors import CheckpointError, ConfigError, MoesaicError
+from moesaic.experiments.arms import get_arm
+from moesaic.experiments.presets import StudyConfig
+from moesaic.train.checkpoint import atomic_write_text
+
+VARIANTS = ("text", "image", "joint")
+
+
+class StudyInterrupted(MoesaicError):
+    """A run stopped on a signal; its checkpoint is saved and the study can be continued."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    arm: str
+    variant: str
+    seed: int
+    name: str
+    overrides: tuple[str, ...]
+
+    def run_dir(self, study_dir: Path) -> Path:
+        return study_dir / "runs" / self.name
+
+
+def seeds_of(study: StudyConfig) -> list[int]:
+    return list(range(study.first_seed, study.first_seed + study.seeds))
+
+
+def _mix(mix: dict[str, float]) -> str:
+    return json.dumps(mix, sort_keys=True)
+
+
+def variant_overrides(study: StudyConfig, variant: str, seed: int, joint_mix: dict) -> list[str]:
+    """Data and step overrides of one variant (the arm's model overrides come separately)."""
+    common = ["data.caption_loss=false", f"train.seed={seed}", f"data.seed={seed}"]
+    if variant == "text":
+        return [*common, f"data.mix={_mix({'text': 1.0})}", f"train.steps={study.text_steps}"]
+    if variant == "image":
+        return [*common, f"data.mix={_mix(study.image_mix)}", f"train.steps={study.image_steps}"]
+    steps = study.text_steps + study.image_steps
+    return [*common, f"data.mix={_mix(joint_mix)}", f"train.steps={steps}"]
+
+
+def base_config(study: StudyConfig, extra: list[str] | tuple[str, ...] = ()) -> Config:
+    return load_config(study.base, [*study.overrides, *extra])
+
+
+# ------------------------------------------------------------------------- data plan
+
+
+def stream_tokens(cfg: Config, tok: Any) -> dict[str, Any]:
+    """Replay a run's training stream without a model: document tokens produced per kind."""
+    from moesaic.data import build_stream
+
+    stream = build_stream(cfg.data, tok, split="train")
+    for _ in range(cfg.train.steps * cfg.train.grad_accum):
+        next(stream)
+    return {"produced": dict(stream.produced), "rows": stream.rows}
+
+
+def plan_data(study: StudyConfig, study_dir: Path, tok: Any, log: Callable) -> dict[str, Any]:
+    """Per seed: tokens per kind of the unimodal streams → the joint mix (cached on disk)."""
+    path = study_dir / "data-plan.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    plan: dict[str, Any] = {}
+    for seed in seeds_of(study):
+        per = {}
+        for variant in ("text", "image"):
+            cfg = base_config(study, variant_overrides(study, variant, seed, {}))
+            key = hashlib.sha256(
+                json.dumps(
+                    [cfg.data.__dict__, cfg.train.steps, cfg.train.grad_accum],
+                    sort_keys=True,
+                    default=str,
+                ).encode()
+            ).hexdigest()[:16]
+            old = cached.get(str(seed), {}).get(variant)
+            if old and old.get("key") == key:
+                per[variant] = old
+                continue
+            log(f"planning data: replaying the {variant}-only stream of seed {seed}")
+            per[variant] = {"key": key, **stream_tokens(cfg, tok)}
+        joint = {**per["text"]["produced"], **per["image"]["produced"]}
+        plan[str(seed)] = {**per, "joint_mix": {k: float(v) for k, v in sorted(joint.items())}}
+    atomic_write_text(path, json.dumps({**cached, **plan}, indent=1))
+    return plan
+
+
+# ------------------------------------------------------------------------- runs
+
+
+def plan_runs(study: StudyConfig, data_plan: dict[str, Any]) -> list[RunSpec]:
+    """Every run of the study, seed-major (a complete first seed comes first)."""
+    specs = []
+    for seed in seeds_of(study):
+        joint_mix = data_plan[str(seed)]["joint_mix"]
+        for arm_name in study.arms:
+            arm = get_arm(arm_name)
+            arm_over = arm.overrides(study.experts, study.granularity)
+            if arm_name in study.lr:
+                arm_over.append(f"train.lr={study.lr[arm_name]}")
+            for variant in VARIANTS:
+                name = f"{arm_name}-{variant}-s{seed}"
+                over = [*arm_over, *variant_overrides(study, variant, seed, joint_mix)]
+                specs.append(RunSpec(arm_name, variant, seed, name, tuple(over)))
+    return specs
+
+
+def run_config(study: StudyConfig, spec: RunSpec, study_dir: Path) -> Config:
+    return base_config(study, [*spec.overrides, f"name={spec.name}", f"out={study_dir / 'runs'}"])
+
+
+def _check_same_run(cfg: Config, run_dir: Path, vocab_size: int) -> None:
+    from moesaic.train.loop import config_fingerprint, resolve_model_dims
+
+    saved = load_config(run_dir / "config.yaml")
+    want = resolve_model_dims(cfg, vocab_size)
+    if config_fingerprint(saved) != config_fingerprint(want) or (
+        saved.train.steps != want.train.steps
+    ):
+        raise ConfigError(
+            f"run '{run_dir}' was trained with a different configuration than this study asks "
+            "for; pass another --out (or study.name=...) or delete that run directory"
+        )
+
+
+def ensure_run(cfg: Config, run_dir: Path, vocab_size: int) -> tuple[dict[str, Any], str]:
+    """Train (or resume, or reuse) one run; returns (summary.json content, what happened)."""
+    from moesaic.train import checkpoint as ckpt
+    from moesaic.train.loop import Trainer
+
+    summary_path = run_dir / "summary.json"
+    if (run_dir / "config.yaml").is_file():
+        _check_same_run(cfg, run_dir, vocab_size)
+        if summary_path.is_file():
+            done = json.loads(summary_path.read_text())
+            if done.get("status") == "finished" and done.get("step") == cfg.train.steps:
+                return done, "reused"
+        found, _ = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        if found is not None:
+            summary = Trainer(cfg, run_dir, resume=True).run()
+            return summary, "resumed"
+        shutil.rmtree(run_dir)  # started but never checkpointed: nothing to keep
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise CheckpointError(f"'{run_dir}' exists but is not a moesaic run; move it away")
+    summary = Trainer(cfg, run_dir).run()
+    return summary, "trained"
+
+
+def joint_coverage(study_dir: Path, data_plan: dict, seed: int, arm: str) -> dict | None:
+    """Document tokens per kind the joint run actually consumed ÷ the unimodal runs'."""
+    from moesaic.train import checkpoint as ckpt
+
+    found, _ = ckpt.latest_checkpoint(study_dir / "runs" / f"{arm}-joint-s{seed}" / "checkpoints")
+    if found is None:
+        return None
+    seen = found.state["data"]["produced"]
+    plan = data_plan[str(seed)]
+    want = {**plan["text"]["produced"], **plan["image"]["produced"]}
+    return {
+        "joint_tokens": seen,
+        "unimodal_tokens": want,
+        "ratio": {k: seen.get(k, 0) / v for k, v in want.items() if v},
+    }
+
+
+# ------------------------------------------------------------------------- task metrics
+
+
+def task_metrics(run_dir: Path, enabled: bool) -> dict[str, float]:
+    """Task metrics of a finished run (cached in tasks.json), via `moesaic.evaluate.tasks`.
+
+    The hook calls `evaluate_tasks(loaded_run) -> {name: number | nested dict}` when that
+    module is installed; nested names are joined with '/'. Absent module → {}.
+    """
+    path = run_dir / "tasks.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not enabled:
+        return {}
+    import importlib
+
+    try:
+        module = importlib.import_module("moesaic.evaluate.tasks")
+    except ModuleNotFoundError as e:
+        if e.name == "moesaic.evaluate.tasks":
+            return {}
+        raise
+    fn = getattr(module, "evaluate_tasks", None)
+    if fn is None:
+        return {}
+    from moesaic.evaluate.runs import load_run
+
+    raw = fn(load_run(run_dir))
+    flat: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[prefix] = float(value)
+
+    walk("", raw or {})
+    atomic_write_text(path, json.dumps(flat, indent=1))
+    return flat
+
+
+# ------------------------------------------------------------------------- the study
+
+
+def run_study(
+    study: StudyConfig, out: str | Path, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Train every missing run, evaluate, analyse, write summary.json and report.html."""
+    from moesaic.data import load_tokenizer
+    from moesaic.experiments.summary import build_summary, write_outputs
+    from moesaic.train.runtime import cache_dir
+
+    study_dir = Path(out) / study.name
+    study_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(study_dir / "study.json", json.dumps(dataclasses.asdict(study), indent=1))
+    probe = base_config(study)
+    tok = load_tokenizer(probe.data, cache_dir())
+    data_plan = plan_data(study, study_dir, tok, log)
+    specs = plan_runs(study, data_plan)
+    summaries, tasks = train_all(study, study_dir, specs, tok.vocab_size, log)
+    analyses: dict[str, dict[str, Any]] = {}
+    if study.analyze:
+        analyses = analyze_joint_runs(study, study_dir, log)
+    return write_outputs(
+        build_summary(study, study_dir, specs, summaries, tasks, analyses, data_plan, tok),
+        study_dir,
+        analyses,
+    )
+
+
+def _run_one(
+    study: StudyConfig, spec: RunSpec, study_dir: Path, vocab_size: int
+) -> tuple[dict[str, Any], dict[str, float], str, float]:
+    """Train / resume / reuse one run and its task metrics (also a worker-process entry)."""
+    t0 = time.perf_counter()
+    run_dir = spec.run_dir(study_dir)
+    cfg = run_config(study, spec, study_dir)
+    summary, how = ensure_run(cfg, run_dir, vocab_size)
+    tasks = task_metrics(run_dir, study.tasks) if summary.get("status") == "finished" else {}
+    return summary, tasks, how, time.perf_counter() - t0
+
+
+def train_all(
+    study: StudyConfig, study_dir: Path, specs: list[RunSpec], vocab_size: int, log: Callable
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
+    """Every run, `study.jobs` at a time (runs are independent: the joint mix is planned)."""
+    summaries: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, dict[str, float]] = {}
+    done = 0
+
+    def record(spec: RunSpec, result: tuple) -> None:
+        nonlocal done
+        summary, task_values, how, seconds = result
+        done += 1
+        if summary.get("status") != "finished":
+            raise StudyInterrupted(
+                f"stopped during {spec.name} (checkpoint saved); run the same command again "
+                "to continue the study"
+            )
+        summaries[spec.name], tasks[spec.name] = summary, task_values
+        losses = summary.get("eval", {})
+        shown = ", ".join(
+            f"{k}={losses[k]:.4f}" for k in ("text/text", "image/image") if k in losses
+        )
+        log(f"[{done}/{len(specs)}] {spec.name}: {how} ({seconds:.0f} s) {shown}")
+
+    if study.jobs <= 1:
+        for spec in specs:
+            record(spec, _run_one(study, spec, study_dir, vocab_size))
+        return summaries, tasks
+    import concurrent.futures as cf
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(study.jobs, mp_context=ctx) as pool:
+        futures = {
+            pool.submit(_run_one, study, spec, study_dir, vocab_size): spec for spec in specs
+        }
+        try:
+            for fut in cf.as_completed(futures):
+                record(futures[fut], fut.result())
+        except (KeyboardInterrupt, StudyInterrupted, cf.process.BrokenProcessPool):
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise StudyInterrupted(
+                "study interrupted (running runs saved a checkpoint); run the same command "
+                "again to continue"
+            ) from None
+    return summaries, tasks
+
+
+def analyze_joint_runs(study: StudyConfig, study_dir: Path, log: Callable) -> dict[str, Any]:
+    """Specialisation + sparsity of each arm's joint run of the first seed (cached)."""
+    from moesaic.analysis.runs import analyze_run
+
+    out = {}
+    seed = study.first_seed
+    for arm in study.arms:
+        run_dir = study_dir / "runs" / f"{arm}-joint-s{seed}"
+        path = run_dir / "analysis.json"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            if cached.get("step") == summary.get("step") and (
+                cached.get("tokens") == study.analyze_tokens
+            ):
+                out[arm] = cached
+                continue
+        log(f"analysing {run_dir.name}")
+        out[arm] = analyze_run(run_dir, tokens=study.analyze_tokens)
+    return out
