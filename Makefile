@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/moesaic train tiny name=demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/moesaic compete --preset quick
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: $(STAMP)
