@@ -23,6 +23,7 @@
         "specialization": {overall metrics of the first seed's joint run} | null
       }},
       "least_tax": {metric key: arm},
+      "tax_table": the plain-text table the command prints,
       "report": "report.html"
     }
 

@@ -24,7 +24,7 @@ h2 { margin-top: 1.8em; border-bottom: 1px solid #bbb; }
 table { border-collapse: collapse; margin: .8em 0; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
 th { background: #f2f2f2; }
-td:first-child, th:first-child { text-align: left; }
+td.l, th.l { text-align: left; }
 caption { caption-side: bottom; font-size: .85em; color: #555; padding-top: .3em; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
@@ -91,11 +91,21 @@ class HtmlReport:
         self.parts.append(f"<pre><code>{esc(text)}</code></pre>")
 
     def table(
-        self, header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None
+        self,
+        header: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        caption: str | None = None,
+        left: int = 1,
     ) -> None:
-        head = "".join(f"<th>{esc(h)}</th>" for h in header)
+        """A table; the first `left` columns (labels) are left-aligned, the rest right."""
+
+        def cell(tag: str, i: int, value: Any) -> str:
+            cls = ' class="l"' if i < left else ""
+            return f"<{tag}{cls}>{esc(value)}</{tag}>"
+
+        head = "".join(cell("th", i, h) for i, h in enumerate(header))
         body = "".join(
-            "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows
+            "<tr>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>" for row in rows
         )
         cap = f"<caption>{esc(caption)}</caption>" if caption else ""
         self.parts.append(

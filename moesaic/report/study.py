@@ -58,10 +58,10 @@ def plain_summary(summary: Mapping[str, Any]) -> list[str]:
         if not meta or best is None:
             continue
         tax = _tax(summary["arms"][best], key)
-        worst = max(
-            (a for a in summary["arms"] if _tax(summary["arms"][a], key)),
-            key=lambda a: as_float(_tax(summary["arms"][a], key).get("mean")),
-        )
+        means = {
+            a: as_float((_tax(arm, key) or {}).get("mean")) for a, arm in summary["arms"].items()
+        }
+        worst = max((a for a in means if math.isfinite(means[a])), key=means.get)
         mean = as_float(tax.get("mean"))
         word = "competition" if mean > 0 else "synergy"
         lines.append(
@@ -127,11 +127,13 @@ def study_report(
                     _stat(c.get("tax"), 2, True) if c.get("tax") else "joint only",
                 ]
             )
-    r.table(["arm", "metric", "unimodal", "joint", "tax"], rows)
+    r.table(["arm", "metric", "unimodal", "joint", "tax"], rows, left=2)
 
     if curves:
         r.heading("Loss curves")
-        r.figure(plots.loss_curves(curves), "Training (lines) and held-out (dots) loss, seed 1.")
+        r.figure(
+            plots.loss_curves(curves), "Training (lines) and held-out (dots) loss, first seed."
+        )
 
     moe = {a: an for a, an in analyses.items() if an.get("specialization")}
     if moe:
