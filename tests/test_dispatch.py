@@ -186,3 +186,11 @@ def test_swiglu_backward_matches_autograd():
     assert torch.autograd.gradcheck(swiglu, (x,))
     gate, up = x.detach().chunk(2, -1)
     torch.testing.assert_close(swiglu(x), F.silu(gate) * up)
+
+
+def test_swiglu_with_gate_scale_backward_matches_autograd():
+    from moesaic.model.dispatch import swiglu
+
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (x, s))

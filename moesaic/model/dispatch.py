@@ -4,13 +4,13 @@ Every token picks `k` experts. The `T·k` (token, expert) assignments are sorted
 a stable argsort, so each expert's rows are contiguous in a `[S, D]` buffer (`S = T·k`), and
 the rows of one expert keep token order. All experts then run as one grouped matmul over those
 contiguous groups (`torch._grouped_mm`), or as a loop over `torch.split` chunks where grouped
-matmul is unavailable. Outputs are scaled by their gates in fp32 and gathered back to `[T, k, D]`
-and summed over `k`: gathers only, no atomics, so the result is deterministic on every device.
+matmul is unavailable. Gates scale each row in fp32, and the k rows of each token are summed
+back in fp32 in a fixed order with no atomics, so the result is deterministic on every device.
 
-The expert computation sits behind one function boundary, `Experts.forward(x_SD, counts_E)`,
-which takes rows already sorted by expert plus the number of rows per expert. Expert
-parallelism can wrap or replace that module (exchange rows all-to-all, run the local experts,
-exchange back) without touching the router or the model.
+The expert computation sits behind one function boundary, `Experts.forward(x_SD, counts_E,
+scale_S)`, which takes rows already sorted by expert, the number of rows per expert and the
+rows' gates. Expert parallelism can wrap or replace that module (exchange rows all-to-all,
+run the local experts, exchange back) without touching the router or the model.
 """
 
 from __future__ import annotations
@@ -56,62 +56,53 @@ def sort_by_expert(expert_TK: Tensor, num_experts: int) -> Routing:
     return Routing(order, order // k, inverse, counts, T, k)
 
 
+def _wide(t: Tensor) -> Tensor:
+    """At least fp32 (half precisions are widened, fp32/fp64 kept)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _sum_slots(y_SD: Tensor, token_S: Tensor, inverse_S: Tensor, k: int) -> Tensor:
+    """Σ over each token's k rows of y, in fp32: [S, D] -> [T, D].
+
+    On CPU a scatter-add in sorted-row order (index_add_ runs serially there, so the order of
+    the k additions is fixed, and it streams through y instead of gathering it at random);
+    elsewhere a gather to [T, k, D] and a sum, which needs no atomics.
+    """
+    T = inverse_S.numel() // k
+    y_SD = _wide(y_SD)
+    if y_SD.device.type == "cpu":
+        return y_SD.new_zeros(T, y_SD.shape[-1]).index_add_(0, token_S, y_SD)
+    return y_SD.index_select(0, inverse_S).view(T, k, -1).sum(1)
+
+
 class _Permute(torch.autograd.Function):
-    """x_SD = x_TD[token_S]; backward gathers the k copies back and sums them (no scatter-add)."""
+    """x_SD = x_TD[token_S]; backward sums the k rows of each token (`_sum_slots`)."""
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, token_S: Tensor, inverse_S: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(inverse_S)
+        ctx.save_for_backward(token_S, inverse_S)
         ctx.k = k
         return x_TD.index_select(0, token_S)
 
     @staticmethod
     def backward(ctx, g_SD: Tensor):
-        (inverse_S,) = ctx.saved_tensors
-        g_TKD = g_SD.index_select(0, inverse_S).view(-1, ctx.k, g_SD.shape[-1])
-        return g_TKD.sum(1), None, None, None
-
-
-class _Combine(torch.autograd.Function):
-    """y_TD = Σ_j gate[t, j] · y_SD[inverse[t·k + j]] in fp32: one gather and one batched dot.
-
-    Backward gathers too (no scatter-add), so it is deterministic on every device.
-    """
-
-    @staticmethod
-    def forward(ctx, y_SD: Tensor, gate_TK: Tensor, order_S: Tensor, inverse_S: Tensor) -> Tensor:
-        T, k = gate_TK.shape
-        ctx.save_for_backward(y_SD, gate_TK, order_S, inverse_S)
-        y_TKD = y_SD.index_select(0, inverse_S).view(T, k, -1).float()
-        return torch.bmm(gate_TK.float().unsqueeze(1), y_TKD).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, g_TD: Tensor):
-        y_SD, gate_TK, order_S, inverse_S = ctx.saved_tensors
-        T, k = gate_TK.shape
-        g_SD = g_TD.float().index_select(0, order_S // k)
-        grad_y = grad_gate = None
-        if ctx.needs_input_grad[1]:
-            dot_S = torch.bmm(y_SD.float().unsqueeze(1), g_SD.unsqueeze(2)).view(-1)
-            grad_gate = dot_S.index_select(0, inverse_S).view(T, k).to(gate_TK.dtype)
-        if ctx.needs_input_grad[0]:
-            gate_S = gate_TK.float().reshape(-1).index_select(0, order_S)
-            grad_y = g_SD.mul_(gate_S.unsqueeze(1)).to(y_SD.dtype)
-        return grad_y, grad_gate, None, None
+        token_S, inverse_S = ctx.saved_tensors
+        return _sum_slots(g_SD, token_S, inverse_S, ctx.k).to(g_SD.dtype), None, None, None
 
 
 class _UnpermuteSum(torch.autograd.Function):
-    """y_TD = Σ_k y_SD[inverse] viewed [T, k, D]: the adjoint of `_Permute`; gathers both ways."""
+    """y_TD = Σ over each token's k rows of y_SD (fp32): the adjoint of `_Permute`."""
 
     @staticmethod
     def forward(ctx, y_SD: Tensor, token_S: Tensor, inverse_S: Tensor, k: int) -> Tensor:
         ctx.save_for_backward(token_S)
-        return y_SD.index_select(0, inverse_S).view(-1, k, y_SD.shape[-1]).sum(1)
+        ctx.dtype = y_SD.dtype
+        return _sum_slots(y_SD, token_S, inverse_S, k)
 
     @staticmethod
     def backward(ctx, g_TD: Tensor):
         (token_S,) = ctx.saved_tensors
-        return g_TD.index_select(0, token_S), None, None, None
+        return g_TD.index_select(0, token_S).to(ctx.dtype), None, None, None
 
 
 def permute(x_TD: Tensor, routing: Routing) -> Tensor:
@@ -120,13 +111,8 @@ def permute(x_TD: Tensor, routing: Routing) -> Tensor:
 
 
 def unpermute_sum(y_SD: Tensor, routing: Routing) -> Tensor:
-    """Sorted expert outputs back to token order, summed over each token's k slots: [T, D]."""
+    """Sorted expert outputs back to token order, summed over each token's k slots: [T, D] f32."""
     return _UnpermuteSum.apply(y_SD, routing.token_S, routing.inverse_S, routing.k)
-
-
-def combine(y_SD: Tensor, gate_TK: Tensor, routing: Routing) -> Tensor:
-    """Σ over each token's k slots of gate · expert output, in fp32: [S, D] -> [T, D] f32."""
-    return _Combine.apply(y_SD, gate_TK, routing.order_S, routing.inverse_S)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -176,32 +162,46 @@ def split_matmul(x_SD: Tensor, w_EDH: Tensor, counts: list[int]) -> Tensor:
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) · up on a fused [N, 2H] projection; backward writes both halves of one buffer.
+    """silu(gate) · up [· scale] on a fused [N, 2H] projection, scale [N] applied in fp32.
 
-    Saves only the input (not silu(gate)) and avoids the concatenation autograd would do for
-    `chunk`, which is the largest elementwise cost of a SwiGLU layer on CPU.
+    Saves only the inputs (not silu(gate)), and the backward writes both halves of one buffer
+    instead of concatenating them as autograd would for `chunk` (the largest elementwise cost
+    of a SwiGLU layer on CPU).
     """
 
     @staticmethod
-    def forward(ctx, gate_up: Tensor) -> Tensor:
-        ctx.save_for_backward(gate_up)
+    def forward(ctx, gate_up: Tensor, scale_N: Tensor | None) -> Tensor:
+        ctx.save_for_backward(gate_up, scale_N)
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        act = F.silu(gate) * up
+        if scale_N is None:
+            return act
+        if _wide(act) is act:
+            return act.mul_(scale_N.unsqueeze(-1).to(act.dtype))
+        return (act.float() * scale_N.unsqueeze(-1)).to(act.dtype)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        (gate_up,) = ctx.saved_tensors
+    def backward(ctx, g: Tensor):
+        gate_up, scale_N = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
         H = gate.shape[-1]
+        silu = F.silu(gate)
+        grad_scale = None
+        if scale_N is not None:
+            if ctx.needs_input_grad[1]:
+                act = _wide(silu * up)
+                grad_scale = torch.bmm(act.unsqueeze(1), _wide(g).unsqueeze(2)).view(-1)
+                grad_scale = grad_scale.to(scale_N.dtype)
+            g = (_wide(g) * scale_N.unsqueeze(-1)).to(gate_up.dtype)
         grad = torch.empty_like(gate_up)
-        torch.mul(g, F.silu(gate), out=grad[..., H:])
+        torch.mul(g, silu, out=grad[..., H:])
         torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=grad[..., :H])
-        return grad
+        return grad, grad_scale
 
 
-def swiglu(gate_up: Tensor) -> Tensor:
-    """SwiGLU on a fused [..., 2H] projection: silu(gate) · up -> [..., H]."""
-    return _SwiGLU.apply(gate_up)
+def swiglu(gate_up: Tensor, scale_N: Tensor | None = None) -> Tensor:
+    """SwiGLU on a fused [N, 2H] projection: silu(gate) · up, times scale [N] if given."""
+    return _SwiGLU.apply(gate_up, scale_N)
 
 
 class Experts(nn.Module):
@@ -250,26 +250,30 @@ class Experts(nn.Module):
             )
         return ok
 
-    def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
+    def forward(self, x_SD: Tensor, counts_E: Tensor, scale_S: Tensor | None = None) -> Tensor:
+        """[S, D] rows sorted by expert -> [S, D]; `scale_S` (fp32 gates) multiplies each row's
+        SwiGLU activation before the down projection (the same as scaling the output)."""
         grouped = self.use_grouped_mm(x_SD)
         x, w1, w2 = self._weights(x_SD)
         if grouped:
             offsets = counts_E.cumsum(0).to(torch.int32)
-            h = swiglu(grouped_matmul(x, w1, offsets))
+            h = swiglu(grouped_matmul(x, w1, offsets), scale_S)
             return grouped_matmul(h, w2, offsets)
         counts = counts_E.tolist()  # the fallback needs chunk sizes on the host
-        h = swiglu(split_matmul(x, w1, counts))
+        h = swiglu(split_matmul(x, w1, counts), scale_S)
         return split_matmul(h, w2, counts)
 
 
 def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: nn.Module) -> Tensor:
     """y_t = Σ_j gate[t, j] · expert[expert[t, j]](x_t), dropless and deterministic. [T, D].
 
-    `experts` is any module with `num_experts` and `forward(x_SD, counts_E) -> y_SD`.
-    Gates are applied in fp32 (None: all gates are 1); the sum over k has a fixed order.
+    `experts` is any module with `num_experts` and `forward(x_SD, counts_E, scale_S)`. Gates
+    (None: all 1) are applied in fp32 to the experts' activations, which equals scaling their
+    outputs since the down projection is linear; the sum over k is in fp32 in a fixed order.
     """
     routing = sort_by_expert(expert_TK, experts.num_experts)
-    y_SD = experts(permute(x_TD, routing), routing.counts_E)
-    if gate_TK is None:
-        return unpermute_sum(y_SD, routing).to(x_TD.dtype)
-    return combine(y_SD, gate_TK, routing).to(x_TD.dtype)
+    gate_S = None
+    if gate_TK is not None:
+        gate_S = gate_TK.float().reshape(-1).index_select(0, routing.order_S)
+    y_SD = experts(permute(x_TD, routing), routing.counts_E, gate_S)
+    return unpermute_sum(y_SD, routing).to(x_TD.dtype)
