@@ -1,14 +1,15 @@
 """Expert parallelism: each MoE layer's experts sharded over P ranks, rows exchanged all-to-all.
 
-The model computes experts behind one function boundary, `moe.experts(x_SD, counts_E)`: rows
-already sorted by (global) expert plus the number of rows per expert (`model/dispatch.py`).
+The model computes experts behind one function boundary, `moe.experts(x_SD, counts_E,
+scale_S)`: rows already sorted by (global) expert, the number of rows per expert and each
+row's gate (`model/dispatch.py`).
 `apply_expert_parallel` swaps that module for `ExpertParallelExperts`, which keeps E/P experts
 per rank and, per call,
 
 1. exchanges `counts_E` all-to-all, so every rank learns how many rows each peer sends to
    each of its local experts (`recv_PL`, P peers × L = E/P local experts);
 2. reads the split sizes on the host (the one synchronisation of the layer);
-3. sends every row to the rank owning its expert (all-to-all, variable splits);
+3. sends every row, and its gate, to the rank owning its expert (all-to-all, variable splits);
 4. regroups the received rows by local expert (stable, so within an expert rows keep peer
    order), runs the local experts as one grouped matmul, and restores the received order;
 5. sends the outputs back with the reverse all-to-all; autograd runs the same exchanges in
@@ -61,8 +62,18 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def local_experts(x_SD: Tensor, counts_L: Tensor, w1_LDH: Tensor, w2_LHD: Tensor, backend: str):
-    """SwiGLU experts over rows grouped by local expert: [S, D] -> [S, D] (S may be 0)."""
+def local_experts(
+    x_SD: Tensor,
+    counts_L: Tensor,
+    scale_S: Tensor | None,
+    w1_LDH: Tensor,
+    w2_LHD: Tensor,
+    backend: str,
+) -> Tensor:
+    """SwiGLU experts over rows grouped by local expert: [S, D] -> [S, D] (S may be 0).
+
+    As `dispatch.Experts.forward`: `scale_S` (fp32 gates) multiplies each row's activation.
+    """
     if torch.is_autocast_enabled(x_SD.device.type):
         dtype = torch.get_autocast_dtype(x_SD.device.type)
         x_SD, w1_LDH, w2_LHD = x_SD.to(dtype), w1_LDH.to(dtype), w2_LHD.to(dtype)
@@ -71,16 +82,18 @@ def local_experts(x_SD: Tensor, counts_L: Tensor, w1_LDH: Tensor, w2_LHD: Tensor
     )
     if grouped:
         offsets = counts_L.cumsum(0).to(torch.int32)
-        return grouped_matmul(swiglu(grouped_matmul(x_SD, w1_LDH, offsets)), w2_LHD, offsets)
+        h = swiglu(grouped_matmul(x_SD, w1_LDH, offsets), scale_S)
+        return grouped_matmul(h, w2_LHD, offsets)
     counts = counts_L.tolist()
-    return split_matmul(swiglu(split_matmul(x_SD, w1_LDH, counts)), w2_LHD, counts)
+    return split_matmul(swiglu(split_matmul(x_SD, w1_LDH, counts), scale_S), w2_LHD, counts)
 
 
 class ExpertParallelExperts(nn.Module):
     """Drop-in for `dispatch.Experts` with E/P experts per rank; same names, global shapes.
 
     w_gate_up_EDH: DTensor [E, D, 2H] sharded Shard(0) over `ep_mesh` (local [E/P, D, 2H]);
-    w_down_EHD: DTensor [E, H, D] likewise. `forward(x_SD, counts_E) -> y_SD` as `Experts`.
+    w_down_EHD: DTensor [E, H, D] likewise. `forward(x_SD, counts_E, scale_S) -> y_SD` as
+    `Experts`.
     """
 
     def __init__(self, experts: nn.Module, ep_mesh):
@@ -106,7 +119,7 @@ class ExpertParallelExperts(nn.Module):
         nn.init.normal_(_local(self.w_gate_up_EDH), std=std)
         nn.init.normal_(_local(self.w_down_EHD), std=out_std)
 
-    def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
+    def forward(self, x_SD: Tensor, counts_E: Tensor, scale_S: Tensor | None = None) -> Tensor:
         P, L = self.ep_size, self.num_local
         counts_E = counts_E.to(torch.int64)
         recv_E = torch.empty_like(counts_E)
@@ -115,6 +128,7 @@ class ExpertParallelExperts(nn.Module):
         splits = torch.stack([counts_E.view(P, L).sum(1), recv_PL.sum(1)]).tolist()
         send, recv = splits
         x_RD = all_to_all(x_SD, send, recv, self.group)  # rows ordered (peer, local expert)
+        scale_R = None if scale_S is None else all_to_all(scale_S, send, recv, self.group)
         n = x_RD.shape[0]
         expert_R = torch.arange(L, device=x_SD.device).repeat(P)
         expert_R = expert_R.repeat_interleave(recv_PL.reshape(-1), output_size=n)
@@ -122,7 +136,10 @@ class ExpertParallelExperts(nn.Module):
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(n, device=order_R.device)
         w1, w2 = _local(self.w_gate_up_EDH), _local(self.w_down_EHD)
-        y_RD = local_experts(x_RD.index_select(0, order_R), recv_PL.sum(0), w1, w2, self.backend)
+        if scale_R is not None:
+            scale_R = scale_R.index_select(0, order_R)
+        x_RD = x_RD.index_select(0, order_R)
+        y_RD = local_experts(x_RD, recv_PL.sum(0), scale_R, w1, w2, self.backend)
         y_RD = y_RD.index_select(0, inverse_R)
         return all_to_all(y_RD, recv, send, self.group)
 
