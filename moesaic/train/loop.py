@@ -5,6 +5,11 @@ A run directory `OUT/NAME/` holds `config.yaml` (the resolved config), `tokenize
 consumes — data, noise, flow times — comes from the data stream, whose position is saved with
 the weights, optimizer and RNG states; on CPU a resumed run is bit-identical to an
 uninterrupted one.
+
+Launched by torchrun with several processes, the same loop trains data parallel (FSDP2, and
+expert parallel with `dist.expert_parallel`; see `distributed.py`): every rank reads its own
+shard of the data, only rank 0 writes logs and run files, and checkpoints are sharded
+(`dist_checkpoint.py`) and resume with any number of processes.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from moesaic.evaluate.losses import eval_losses
 from moesaic.model import Transformer
 from moesaic.model.moe import update_router_biases
 from moesaic.train import checkpoint as ckpt
+from moesaic.train import dist_checkpoint as dckpt
+from moesaic.train import distributed
 from moesaic.train.metrics import MetricsLog
 from moesaic.train.optim import (
     build_optimizer,
@@ -37,6 +44,7 @@ from moesaic.train.optim import (
 )
 from moesaic.train.progress import Progress
 from moesaic.train.runtime import autocast_factory, cache_dir, resolve_device, set_threads
+from moesaic.train.watchdog import Watchdog, report_failures
 
 # Keys that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE_KEYS = (
@@ -51,6 +59,7 @@ RESUMABLE_KEYS = (
     "train.compile",
     "eval.every",
     "logging",
+    "dist",
 )
 
 
@@ -123,21 +132,37 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path | None = None, resume: bool = False):
         self.run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
-        self._check_run_dir(resume)
         set_threads(cfg.train)
-        self.device = resolve_device(cfg.train.device)
-        self.autocast = autocast_factory(cfg.train, self.device)
+        self.device = distributed.rank_device(
+            resolve_device(cfg.train.device), distributed.env_world()
+        )
+        self.owns_process_group = not torch.distributed.is_initialized()
+        self.world = distributed.init_distributed(cfg.dist.timeout_s, cfg.dist.backend, self.device)
+        self.owns_process_group &= self.world.distributed
+        self.watchdog, self.failed = None, False
+        if self.world.distributed and cfg.dist.watchdog_s > 0:
+            self.watchdog = Watchdog(self.world, cfg.dist.watchdog_s).start()
+        with report_failures(self.watchdog):
+            self._build(cfg, resume)
 
+    def _build(self, cfg: Config, resume: bool) -> None:
+        self._check_run_dir(resume)
+        distributed.barrier()  # every rank checked the directory before rank 0 writes into it
+        self.autocast = autocast_factory(cfg.train, self.device)
         tok_path = self.run_dir / "tokenizer.json"
         data_cfg = dataclasses.replace(cfg.data, tokenizer=str(tok_path)) if resume else cfg.data
-        self.tokenizer = load_tokenizer(data_cfg, cache_dir())
+        with distributed.main_process_first():  # rank 0 trains and caches the tokenizer
+            self.tokenizer = load_tokenizer(data_cfg, cache_dir())
         self.cfg = cfg = resolve_model_dims(cfg, self.tokenizer.vocab_size).validate()
         self.fingerprint = config_fingerprint(cfg)
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
+        if self.world.distributed:
+            distributed.parallelize(self.model, cfg.dist, self.device, cfg.train.precision)
         self.optimizer = build_optimizer(self.model, cfg.train)
-        self.stream = build_stream(cfg.data, self.tokenizer, split="train")
+        rank, world_size = self.world.rank, self.world.world_size
+        self.stream = build_stream(cfg.data, self.tokenizer, "train", rank, world_size)
         self.eval_sets = build_eval_sets(cfg.data, self.tokenizer, cfg.eval.seed, cfg.eval.batches)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
 
@@ -150,11 +175,13 @@ class Trainer:
         resume_step = None
         if resume:
             resume_step = self._load_latest()
-        else:
+        elif self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
             self.tokenizer.save(tok_path)
-        self.metrics = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step)
+        self.metrics = distributed.NullLog()
+        if self.world.is_main:
+            self.metrics = MetricsLog(self.run_dir, cfg.logging.tensorboard, resume_step)
 
     # ------------------------------------------------------------------ run directory, resume
 
@@ -171,8 +198,8 @@ class Trainer:
 
     def _load_latest(self) -> int:
         root = self.run_dir / "checkpoints"
-        found, rejected = ckpt.latest_checkpoint(root, self.fingerprint)
-        for message in rejected:
+        found, rejected = dckpt.latest_any_checkpoint(root, self.fingerprint)
+        for message in rejected if self.world.is_main else ():
             print(f"warning: skipping checkpoint: {message}", flush=True)
         if found is None:
             raise CheckpointError(
@@ -180,6 +207,34 @@ class Trainer:
                 + (f" ({rejected[0]})" if rejected else "")
             )
         state = found.state
+        if dckpt.is_sharded(found.path):
+            dckpt.load_dcp(found.path / dckpt.DCP_DIR, self.model, self.optimizer)
+        elif self.world.distributed:
+            dckpt.load_full_state(
+                self.model,
+                self.optimizer,
+                ckpt.load_tensors(found, "model.safetensors"),
+                ckpt.load_tensors(found, "optimizer.safetensors"),
+            )
+        else:
+            self._load_single_process(found)
+        rank, world_size = self.world.rank, self.world.world_size
+        saved = ckpt.load_tensors(found, "rng.safetensors")
+        rng = dckpt.rank_rng(saved, rank, world_size, state.get("world_size", 1))
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.stream.load_state_dict(dckpt.rank_stream_state(state, rank, world_size))
+        trainer = state["trainer"]
+        self.step = found.step
+        self.tokens_seen = trainer["tokens_seen"]
+        self.skipped_steps = trainer["skipped_steps"]
+        self.bad_in_a_row = trainer["bad_in_a_row"]
+        self.elapsed = trainer["elapsed"]
+        return found.step
+
+    def _load_single_process(self, found: ckpt.Checkpoint) -> None:
         model_state = ckpt.load_tensors(found, "model.safetensors")
         missing, unexpected = self.model.load_state_dict(model_state, strict=False)
         if missing or unexpected:
@@ -191,32 +246,18 @@ class Trainer:
             self.optimizer,
             self.model,
             ckpt.load_tensors(found, "optimizer.safetensors"),
-            state["optimizer"],
+            found.state["optimizer"],
         )
-        rng = ckpt.load_tensors(found, "rng.safetensors")
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.stream.load_state_dict(state["data"])
-        trainer = state["trainer"]
-        self.step = found.step
-        self.tokens_seen = trainer["tokens_seen"]
-        self.skipped_steps = trainer["skipped_steps"]
-        self.bad_in_a_row = trainer["bad_in_a_row"]
-        self.elapsed = trainer["elapsed"]
-        return found.step
 
     def save_checkpoint(self) -> Path:
-        for name, p in self.model.named_parameters():
-            if not torch.isfinite(p).all():
-                raise TrainingDiverged(f"refusing to checkpoint non-finite weights ({name})")
-        opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer, self.model)
+        name = distributed.first_nonfinite_parameter(self.model)
+        if name is not None:
+            raise TrainingDiverged(f"refusing to checkpoint non-finite weights ({name})")
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {
             "config_fingerprint": self.fingerprint,
-            "optimizer": opt_meta,
             "data": self.stream.state_dict(),
             "trainer": {
                 "tokens_seen": self.tokens_seen,
@@ -225,6 +266,17 @@ class Trainer:
                 "elapsed": self.elapsed,
             },
         }
+        if self.world.distributed:
+            return dckpt.save_sharded_checkpoint(
+                self.run_dir / "checkpoints",
+                self.step,
+                self.model,
+                self.optimizer,
+                rng,
+                state,
+                self.cfg.train.keep_checkpoints,
+            )
+        opt_tensors, state["optimizer"] = optimizer_state_to_tensors(self.optimizer, self.model)
         return ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
@@ -250,15 +302,19 @@ class Trainer:
             (out.loss / cfg.grad_accum).backward()
             parts = torch.stack([out.loss, out.text_loss, out.image_loss, out.aux_loss])
             sums += parts.detach().float() / cfg.grad_accum
-            self.tokens_seen += batch.tokens.numel()
+            self.tokens_seen += batch.tokens.numel() * self.world.world_size
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.world.distributed:  # global mean loss and norm: every rank decides alike
+            distributed.all_reduce_mean(sums)
+            grad_norm = distributed.clip_grad_norm(params, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         loss, text_loss, image_loss, aux_loss = sums.tolist()
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
-            update_router_biases(self.model)
+            update_router_biases(self.model, all_reduce=distributed.all_reduce_sum)
             self.bad_in_a_row = 0
         else:
             update_router_biases(self.model, skip=True)
@@ -286,7 +342,13 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Held-out losses per set, plus routing counts per MoE layer on the eval sets."""
         self.model.reset_routing_stats()
-        losses = eval_losses(self.model, self.eval_sets, self.device, self.autocast)
+        if self.world.distributed:
+            losses = distributed.sharded_eval_losses(
+                self.model, self.eval_sets, self.device, self.autocast
+            )
+            distributed.all_reduce_routing_stats(self.model)
+        else:
+            losses = eval_losses(self.model, self.eval_sets, self.device, self.autocast)
         routing = {
             str(layer): {k: v.tolist() for k, v in stats.items()}
             for layer, stats in self.model.routing_stats().items()
@@ -300,9 +362,29 @@ class Trainer:
         self.stop_signal = signum
 
     def run(self) -> dict[str, Any]:
+        try:
+            with report_failures(self.watchdog):
+                return self._run()
+        except BaseException:
+            self.failed = True
+            raise
+
+    def close(self) -> None:
+        """Stop the watchdog and leave the process group this trainer joined (if it did)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+        if not self.failed:  # no rank leaves (rank 0 may host the store) while others watch
+            distributed.barrier()
+        if self.owns_process_group:
+            distributed.shutdown_distributed()
+            self.owns_process_group = False
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        progress = Progress(cfg.train.steps, self.step, cfg.logging.progress, desc=cfg.name)
+        mode = cfg.logging.progress if self.world.is_main else "none"
+        progress = Progress(cfg.train.steps, self.step, mode, desc=cfg.name)
         status = "finished"
         try:
             window_start, window_tokens = time.perf_counter(), self.tokens_seen
@@ -334,7 +416,7 @@ class Trainer:
                 every = cfg.train.checkpoint_every
                 if every and self.step % every == 0 and self.step < cfg.train.steps:
                     self.save_checkpoint()
-                if self.stop_signal is not None:
+                if distributed.any_rank(self.stop_signal is not None):
                     status = "interrupted"
                     break
         finally:
@@ -347,8 +429,10 @@ class Trainer:
             final = self.evaluate()
             self.metrics.log({"kind": "eval", "step": self.step, **final})
             summary["eval"] = final["losses"]
-            ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
-        else:
+            if self.world.is_main:
+                text = json.dumps(summary, indent=1)
+                ckpt.atomic_write_text(self.run_dir / "summary.json", text)
+        elif self.world.is_main:
             print(
                 f"stopped by signal at step {self.step}; checkpoint saved. "
                 f"Continue with: moesaic train --resume {self.run_dir}",
