@@ -1,4 +1,8 @@
-"""`moesaic train CONFIG [key=value ...]` and `moesaic train --resume RUN_DIR [key=value ...]`."""
+"""`moesaic train CONFIG [key=value ...]` and `moesaic train --resume RUN_DIR [key=value ...]`.
+
+The same command runs under `torchrun --nproc_per_node N -m moesaic train ...` (one process per
+rank, see `train/distributed.py`); only rank 0 prints.
+"""
 
 from __future__ import annotations
 
@@ -42,7 +46,12 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             overrides.append(f"out={args.out}")
         trainer = Trainer(load_config(args.config, overrides))
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    if not trainer.world.is_main:
+        return 0 if summary["status"] == "finished" else 130
     if summary["status"] == "finished":
         losses = ", ".join(f"{k}={v:.4f}" for k, v in summary["eval"].items() if "ppl" not in k)
         print(f"finished {summary['step']} steps in {trainer.run_dir}: {losses}")
