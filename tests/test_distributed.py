@@ -15,6 +15,7 @@ from torch import nn
 from moesaic.errors import CheckpointError
 from moesaic.train import dist_checkpoint as dcp_ckpt
 from moesaic.train import distributed as D
+from moesaic.train.watchdog import Watchdog
 from tests.dist_utils import run_distributed, start_workers
 
 # ------------------------------------------------------------------------------- the helper
@@ -259,7 +260,7 @@ def test_restart_stream_state_never_repeats_a_document():
 
 def _heartbeat_then_wait(watchdog_s: float) -> None:
     """Both ranks start the watchdog; rank 0 then idles outside any collective."""
-    dog = D.Watchdog(D.current_world(), watchdog_s).start()
+    dog = Watchdog(D.current_world(), watchdog_s).start()
     dist.barrier()
     if dist.get_rank() == 0:
         time.sleep(120)

@@ -15,9 +15,9 @@ mesh). With expert parallel size P the ranks also form an `(N/P, P)` mesh: an Mo
 experts are split over the `ep` dimension (P consecutive ranks exchange tokens), and each
 expert shard is FSDP-sharded over the `dp_mod_ep` dimension.
 
-Failure. A collective that waits longer than `dist.timeout_s` fails. A `Watchdog` thread also
-turns a dead peer (no heartbeat for `dist.watchdog_s`) or a failure reported by a peer into a
-prompt exit with a one-line reason, even while this rank is blocked in a collective.
+Failure. A collective that waits longer than `dist.timeout_s` fails; the watchdog thread of
+`watchdog.py` also turns a dead peer (no heartbeat for `dist.watchdog_s`) or a failure reported
+by a peer into a prompt exit with a one-line reason, even while a rank waits in a collective.
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ import dataclasses
 import datetime
 import math
 import os
-import sys
-import threading
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -349,94 +346,98 @@ def parallelize(
     return meshes
 
 
-# ---------------------------------------------------------------------------------- watchdog
+# ---------------------------------------------------------------------------------- the loop
 
 
-class Watchdog:
-    """A daemon thread that turns a dead or failed peer into a prompt exit with a clear reason.
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (e.g. a stop signal seen by one rank)."""
+    if not _active():
+        return flag
+    return bool(all_reduce_max(torch.tensor([int(flag)])).item())
 
-    Every `timeout_s / 5` seconds it bumps this rank's heartbeat counter in the rendezvous
-    store and checks (a) whether any rank reported a failure (`report_failure`) and (b) the
-    heartbeat of the next rank in a ring (rank r watches r+1, so the store sees O(N) traffic):
-    a counter unchanged for `timeout_s` (this rank's own clock, no clock sync needed) means the
-    peer's process is gone. A store that stops answering means its host (torchrun's agent, or
-    rank 0) is gone. In each case this process prints one line and exits with code 1, even
-    while its main thread is blocked in a collective. `stop()` marks the rank done so peers
-    that finish later do not mistake its silence for death.
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the body first (filling a cache), then the others."""
+    main = current_world().is_main
+    if not main:
+        barrier()
+    yield
+    if main:
+        barrier()
+
+
+def first_nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of a parameter with a NaN/inf on any rank's shard, the same on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    names = [n for n, p in model.named_parameters()]
+    bad = torch.zeros(len(names))
+    for i, (_, p) in enumerate(model.named_parameters()):
+        local = p.to_local() if isinstance(p, DTensor) else p
+        bad[i] = float(not bool(torch.isfinite(local.detach()).all()))
+    all_reduce_max(bad)
+    hit = bad.nonzero()
+    return names[int(hit[0])] if len(hit) else None
+
+
+class NullLog:
+    """Stands in for the metrics log on ranks other than 0."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def sharded_eval_losses(
+    model: nn.Module,
+    sets: dict[str, list],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """`evaluate.losses.eval_losses` with each set's batches dealt out over the ranks.
+
+    Rank r evaluates batches r, r+N, …; sums and counts are added over ranks, so the result
+    equals one process evaluating every batch (up to float summation order). When a set has
+    fewer batches than ranks × rounds, the ranks left without one repeat batch 0 and discard
+    the result (and its routing counts), so every rank runs the same number of forward passes,
+    as FSDP and expert parallelism need.
     """
+    from moesaic.model.moe import moe_layers
 
-    def __init__(self, world: World, timeout_s: float, store=None, poll_s: float | None = None):
-        self.world, self.timeout_s = world, timeout_s
-        self.poll_s = poll_s or max(0.05, timeout_s / 5)
-        self.store = store if store is not None else _watchdog_store(timeout_s)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> Watchdog:
-        self._beat(0)
-        self._thread = threading.Thread(target=self._run, name="moesaic-watchdog", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop watching; peers stop watching this rank too. Call on every rank at exit."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        with contextlib.suppress(Exception):
-            self.store.set(f"done/{self.world.rank}", "1")
-
-    def report_failure(self, message: str) -> None:
-        """Tell every peer this rank failed (they exit within one poll interval)."""
-        with contextlib.suppress(Exception):
-            self.store.set("failed", f"rank {self.world.rank}: {message}")
-
-    def _beat(self, n: int) -> None:
-        self.store.set(f"beat/{self.world.rank}", str(n))
-
-    def _run(self) -> None:
-        peer = (self.world.rank + 1) % self.world.world_size
-        beats, seen, changed = 0, None, time.monotonic()
-        while not self._stop.wait(self.poll_s):
-            try:
-                beats += 1
-                self._beat(beats)
-                if self.store.check(["failed"]):
-                    self._exit(f"stopping after a failure on {self.store.get('failed').decode()}")
-                if self.store.check([f"done/{peer}"]):
-                    continue
-                value = (
-                    self.store.get(f"beat/{peer}") if self.store.check([f"beat/{peer}"]) else None
-                )
-                now = time.monotonic()
-                if value != seen:
-                    seen, changed = value, now
-                elif now - changed > self.timeout_s:
-                    reason = (
-                        f"rank {peer} sent no heartbeat for {self.timeout_s:g} s (process died?)"
+    world = current_world()
+    was_training = model.training
+    model.eval()
+    totals = []  # per set: text loss sum, text targets, image loss sum, image positions
+    try:
+        for batches in sets.values():
+            acc = torch.zeros(4, dtype=torch.float64)
+            for start in range(0, len(batches), world.world_size):
+                index = start + world.rank
+                real = index < len(batches)
+                stats = [(b, b.clone()) for m in moe_layers(model) for b in m.buffers() if not real]
+                with autocast():
+                    out = model(batches[index if real else 0].to(device))
+                if real:
+                    tn, im = int(out.text_targets), int(out.image_positions)
+                    acc += torch.tensor(
+                        [float(out.text_loss) * tn, tn, float(out.image_loss) * im, im],
+                        dtype=torch.float64,
                     )
-                    self.report_failure(reason)
-                    self._exit(reason)
-            except Exception as e:  # the store's host is gone
-                if self._stop.is_set():
-                    return
-                self._exit(
-                    f"lost the rendezvous store ({type(e).__name__}: {e}); a peer or the "
-                    "launcher died"
-                )
-
-    def _exit(self, reason: str) -> None:
-        print(f"error: rank {self.world.rank}: {reason}; exiting", file=sys.stderr, flush=True)
-        os._exit(1)
-
-
-def _watchdog_store(timeout_s: float):
-    """A separate client of the rendezvous store, namespaced per run and restart attempt."""
-    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    store = dist.TCPStore(
-        host, port, is_master=False, timeout=datetime.timedelta(seconds=max(timeout_s, 5.0))
-    )
-    run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"moesaic/watchdog/{run}/{attempt}", store)
+                for buffer, saved in stats:
+                    buffer.copy_(saved)
+            totals.append(acc)
+    finally:
+        model.train(was_training)
+    summed = all_reduce_sum(torch.stack(totals)) if totals else torch.zeros(0, 4)
+    out: dict[str, float] = {}
+    for name, (text_sum, text_n, image_sum, image_n) in zip(sets, summed.tolist(), strict=True):
+        if text_n:
+            out[f"{name}/text"] = text_sum / text_n
+            out[f"{name}/text_ppl"] = math.exp(min(out[f"{name}/text"], 50.0))
+        if image_n:
+            out[f"{name}/image"] = image_sum / image_n
+    return out
