@@ -207,25 +207,45 @@ def test_variant_overrides_pair_seeds():
 # ----------------------------------------------------------------------- task hook
 
 
-def test_task_hook(smoke, monkeypatch, tmp_path):
+def test_task_hook(smoke, monkeypatch):
     fake = types.ModuleType("moesaic.evaluate.tasks")
     calls = []
 
-    def evaluate_tasks(run):
-        calls.append(run.run_dir)
-        return {"t2i": {"accuracy": 0.5}, "vqa_accuracy": 0.25, "note": "text"}
+    def run_tasks(run, tasks, n):
+        calls.append((run.run_dir.name, tuple(tasks), n))
+        return {"t2i/colour": 0.5, "t2i/exact": 0, "note": "text"}
 
-    fake.evaluate_tasks = evaluate_tasks
+    fake.run_tasks = run_tasks
     monkeypatch.setitem(sys.modules, "moesaic.evaluate.tasks", fake)
     run_dir = smoke / "runs" / "dense-image-s0"
     try:
-        assert task_metrics(run_dir, True) == {"t2i/accuracy": 0.5, "vqa_accuracy": 0.25}
-        assert task_metrics(run_dir, True) == {"t2i/accuracy": 0.5, "vqa_accuracy": 0.25}
-        assert len(calls) == 1  # cached in tasks.json
+        assert task_metrics(run_dir, "image", True, 7) == {"t2i/colour": 0.5, "t2i/exact": 0.0}
+        assert task_metrics(run_dir, "image", True, 7)["t2i/colour"] == 0.5
+        assert calls == [("dense-image-s0", ("t2i",), 7)]  # cached in tasks.json
+        assert task_metrics(smoke / "runs" / "dense-text-s0", "text", True, 7) == {}
+        assert task_metrics(run_dir, "image", False, 7) == {}
     finally:
         (run_dir / "tasks.json").unlink(missing_ok=True)
-    t2i, vqa = task_spec("t2i/accuracy"), task_spec("vqa_accuracy")
+    t2i, vqa, loss = task_spec("t2i/colour"), task_spec("vqa/accuracy"), task_spec("t2i/image_loss")
     assert (t2i.modality, t2i.higher_is_better) == ("image", True)
     assert (vqa.modality, vqa.higher_is_better) == (None, True)
-    assert not task_spec("caption_loss").higher_is_better
+    assert (loss.modality, loss.higher_is_better) == ("image", False)
     assert math.isnan(modality_tax(0.5, 0.0, True))
+
+
+def test_task_scores_enter_the_tax_table():
+    from moesaic.analysis.tax import tax_table
+
+    spec = task_spec("t2i/colour")
+    results = {"moe": {"image": {spec.key: [0.5]}, "joint": {spec.key: [0.4]}}}
+    assert tax_table(results, [spec])["moe"][spec.key].tax.mean == pytest.approx(20.0)
+
+
+def test_run_parallel_collects_results_and_propagates_errors():
+    from moesaic.experiments.workers import run_parallel
+
+    got = {}
+    run_parallel(math.sqrt, [1.0, 4.0, 9.0], 2, lambda item, r: got.__setitem__(item, r))
+    assert got == {1.0: 1.0, 4.0: 2.0, 9.0: 3.0}
+    with pytest.raises(ValueError, match="math domain error"):
+        run_parallel(math.sqrt, [4.0, -1.0], 2, lambda item, r: None)

@@ -43,13 +43,14 @@ def run(args: argparse.Namespace) -> int:
         print("no MoE layers: specialisation not applicable")
     sets = result["sparsity"]["sets"]
     if sets:
-        print("\nsparsity (mean over layers): set  top1%  gini  L0  eff-rank")
+        print(f"\nsparsity, mean over layers ({result['tokens']} tokens)")
+        print(f"  {'set':<9} top1%   gini     L0  eff-rank")
         for name, layers in sets.items():
             means = {
                 m: sum(x[m] for x in layers if x[m] is not None) / max(len(layers), 1)
                 for m in ("top1_mass", "gini", "l0_fraction", "eff_rank_ratio")
             }
-            print(f"  {name:<9} " + "  ".join(_fmt(means[m]) for m in means))
+            print(f"  {name:<9} " + "  ".join(f"{_fmt(means[m]):>5}" for m in means))
     print(
         f"wrote {run_dir / 'analysis.json'}"
         + ("" if args.no_plots else f" and {run_dir / 'analysis'}/")

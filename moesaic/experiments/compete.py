@@ -144,13 +144,19 @@ def run_config(study: StudyConfig, spec: RunSpec, study_dir: Path) -> Config:
     return base_config(study, [*spec.overrides, f"name={spec.name}", f"out={study_dir / 'runs'}"])
 
 
-def _check_same_run(cfg: Config, run_dir: Path, vocab_size: int) -> None:
+def fingerprint(cfg: Config, vocab_size: int) -> str:
+    """The Trainer's fingerprint of a run config (model dims resolved as the Trainer does)."""
     from moesaic.train.loop import config_fingerprint, resolve_model_dims
 
+    return config_fingerprint(resolve_model_dims(cfg, vocab_size))
+
+
+def _check_same_run(cfg: Config, run_dir: Path, vocab_size: int) -> None:
+    from moesaic.train.loop import config_fingerprint
+
     saved = load_config(run_dir / "config.yaml")
-    want = resolve_model_dims(cfg, vocab_size)
-    if config_fingerprint(saved) != config_fingerprint(want) or (
-        saved.train.steps != want.train.steps
+    if config_fingerprint(saved) != fingerprint(cfg, vocab_size) or (
+        saved.train.steps != cfg.train.steps
     ):
         raise ConfigError(
             f"run '{run_dir}' was trained with a different configuration than this study asks "
@@ -170,7 +176,14 @@ def ensure_run(cfg: Config, run_dir: Path, vocab_size: int) -> tuple[dict[str, A
             done = json.loads(summary_path.read_text())
             if done.get("status") == "finished" and done.get("step") == cfg.train.steps:
                 return done, "reused"
-        found, _ = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        try:
+            found, _ = ckpt.latest_checkpoint(run_dir / "checkpoints", fingerprint(cfg, vocab_size))
+        except CheckpointError:
+            raise CheckpointError(
+                f"the checkpoint of unfinished run '{run_dir}' was written by a different "
+                "configuration or version of moesaic and cannot be resumed; delete that run "
+                "directory to train it again"
+            ) from None
         if found is not None:
             summary = Trainer(cfg, run_dir, resume=True).run()
             return summary, "resumed"
@@ -201,17 +214,25 @@ def joint_coverage(study_dir: Path, data_plan: dict, seed: int, arm: str) -> dic
 # ------------------------------------------------------------------------- task metrics
 
 
-def task_metrics(run_dir: Path, enabled: bool) -> dict[str, float]:
-    """Task metrics of a finished run (cached in tasks.json), via `moesaic.evaluate.tasks`.
+# Tasks with a meaning for each variant: the image-only run also learns to generate from
+# captions (the reference for text-to-image); captioning and VQA need both modalities.
+VARIANT_TASKS = {"text": (), "image": ("t2i",), "joint": ("caption", "t2i", "vqa")}
 
-    The hook calls `evaluate_tasks(loaded_run) -> {name: number | nested dict}` when that
-    module is installed; nested names are joined with '/'. Absent module → {}.
+
+def task_metrics(run_dir: Path, variant: str, enabled: bool, n: int) -> dict[str, float]:
+    """Task scores of a finished run via `moesaic.evaluate.tasks` (cached in tasks.json).
+
+    Calls `run_tasks(loaded_run, tasks=VARIANT_TASKS[variant], n=n)` (flat {name: value});
+    {} when disabled, when the variant has no meaningful task, or when the module is absent.
     """
+    tasks = VARIANT_TASKS[variant]
+    if not enabled or not tasks:
+        return {}
     path = run_dir / "tasks.json"
     if path.is_file():
-        return json.loads(path.read_text())
-    if not enabled:
-        return {}
+        cached = json.loads(path.read_text())
+        if cached.get("n") == n and cached.get("tasks") == list(tasks):
+            return cached["metrics"]
     import importlib
 
     try:
@@ -220,24 +241,18 @@ def task_metrics(run_dir: Path, enabled: bool) -> dict[str, float]:
         if e.name == "moesaic.evaluate.tasks":
             return {}
         raise
-    fn = getattr(module, "evaluate_tasks", None)
-    if fn is None:
-        return {}
     from moesaic.evaluate.runs import load_run
 
-    raw = fn(load_run(run_dir))
-    flat: dict[str, float] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}/{k}" if prefix else str(k), v)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            flat[prefix] = float(value)
-
-    walk("", raw or {})
-    atomic_write_text(path, json.dumps(flat, indent=1))
-    return flat
+    raw = module.run_tasks(load_run(run_dir), tasks=tasks, n=n)
+    metrics = {
+        str(k): float(v)
+        for k, v in raw.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    atomic_write_text(
+        path, json.dumps({"n": n, "tasks": list(tasks), "metrics": metrics}, indent=1)
+    )
+    return metrics
 
 
 # ------------------------------------------------------------------------- the study
@@ -270,14 +285,15 @@ def run_study(
 
 
 def _run_one(
-    study: StudyConfig, spec: RunSpec, study_dir: Path, vocab_size: int
+    study: StudyConfig, study_dir: Path, vocab_size: int, spec: RunSpec
 ) -> tuple[dict[str, Any], dict[str, float], str, float]:
     """Train / resume / reuse one run and its task metrics (also a worker-process entry)."""
     t0 = time.perf_counter()
     run_dir = spec.run_dir(study_dir)
     cfg = run_config(study, spec, study_dir)
     summary, how = ensure_run(cfg, run_dir, vocab_size)
-    tasks = task_metrics(run_dir, study.tasks) if summary.get("status") == "finished" else {}
+    finished = summary.get("status") == "finished"
+    tasks = task_metrics(run_dir, spec.variant, study.tasks and finished, study.task_examples)
     return summary, tasks, how, time.perf_counter() - t0
 
 
@@ -307,25 +323,21 @@ def train_all(
 
     if study.jobs <= 1:
         for spec in specs:
-            record(spec, _run_one(study, spec, study_dir, vocab_size))
+            record(spec, _run_one(study, study_dir, vocab_size, spec))
         return summaries, tasks
-    import concurrent.futures as cf
-    import multiprocessing
+    import functools
 
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(study.jobs, mp_context=ctx) as pool:
-        futures = {
-            pool.submit(_run_one, study, spec, study_dir, vocab_size): spec for spec in specs
-        }
-        try:
-            for fut in cf.as_completed(futures):
-                record(futures[fut], fut.result())
-        except (KeyboardInterrupt, StudyInterrupted, cf.process.BrokenProcessPool):
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise StudyInterrupted(
-                "study interrupted (running runs saved a checkpoint); run the same command "
-                "again to continue"
-            ) from None
+    from moesaic.experiments.workers import run_parallel
+
+    try:
+        run_parallel(
+            functools.partial(_run_one, study, study_dir, vocab_size), specs, study.jobs, record
+        )
+    except KeyboardInterrupt:
+        raise StudyInterrupted(
+            "study interrupted (running runs saved a checkpoint); run the same command "
+            "again to continue"
+        ) from None
     return summaries, tasks
 
 

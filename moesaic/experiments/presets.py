@@ -40,14 +40,23 @@ class StudyConfig:
     lr: dict[str, float] = dataclasses.field(default_factory=dict)  # per-arm train.lr
     analyze: bool = True  # specialisation + sparsity of every arm's joint run (first seed)
     analyze_tokens: str = "last"  # last | all: hidden vectors used for sparsity
-    tasks: bool = True  # task metrics when moesaic.evaluate.tasks is installed
+    tasks: bool = False  # task scores (captioning, text-to-image, VQA) via evaluate.tasks
+    task_examples: int = 200  # held-out examples per task
     jobs: int = 1  # runs trained in parallel processes (results do not depend on it)
     description: str = ""
 
     def validate(self) -> StudyConfig:
         if not self.name or "/" in self.name:
             raise ConfigError(f"study.name='{self.name}' must be a non-empty name without '/'")
-        for key in ("seeds", "text_steps", "image_steps", "experts", "granularity", "jobs"):
+        for key in (
+            "seeds",
+            "text_steps",
+            "image_steps",
+            "experts",
+            "granularity",
+            "jobs",
+            "task_examples",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"study.{key}={getattr(self, key)} must be >= 1")
         if not self.arms:
@@ -106,7 +115,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_steps": 6,
         "experts": 8,
         "granularity": 2,
-        "tasks": False,
         "description": "end-to-end check of the study machinery; losses are not meaningful",
     },
     # Minutes on 2 CPU cores (`make demo`): a 4-layer, 64-wide model, 400 + 400 steps.
@@ -150,6 +158,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "experts": 64,
         "granularity": 4,
         "analyze_tokens": "all",
+        "tasks": True,
+        "task_examples": 500,
         "description": "GPU scale: small preset, 64 experts of width F/4, 3 seeds",
     },
 }

@@ -45,32 +45,20 @@ from moesaic.experiments.compete import VARIANTS, joint_coverage, seeds_of
 from moesaic.train.checkpoint import atomic_write_text
 
 SCHEMA = "moesaic-compete/1"
-HIGHER_IS_BETTER_WORDS = (
-    "acc",
-    "score",
-    "exact",
-    "match",
-    "f1",
-    "bleu",
-    "cider",
-    "recall",
-    "precision",
-    "geneval",
-    "correct",
-)
-GENERATION_WORDS = ("t2i", "text_to_image", "text2image", "generation", "gen/")
+LOWER_IS_BETTER_WORDS = ("loss", "mse", "error", "fid")
 
 
 def task_spec(name: str) -> MetricSpec:
-    """How a task metric is read: higher-is-better and reference modality, from its name.
+    """How a task score is read (names as `moesaic.evaluate.tasks.run_tasks` returns them).
 
-    Text-to-image metrics have a unimodal reference (the image-only run also learns to
-    generate from captions); captioning and VQA need both modalities and are joint-only.
+    Scores are accuracies (higher is better) unless the name says loss / mse / error / fid.
+    Text-to-image scores (`t2i/...`) are taxed against the image-only run, which also learns to
+    generate from captions; captioning and VQA need both modalities and are joint-only.
     """
     low = name.lower()
-    higher = any(w in low for w in HIGHER_IS_BETTER_WORDS)
-    modality = "image" if any(w in low for w in GENERATION_WORDS) else None
-    return MetricSpec(f"tasks/{name}", f"task: {name}", modality, higher)
+    higher = not any(w in low for w in LOWER_IS_BETTER_WORDS)
+    modality = "image" if low.startswith("t2i") else None
+    return MetricSpec(f"tasks/{name}", f"task {name}", modality, higher)
 
 
 def _results(specs, summaries, tasks) -> dict[str, dict[str, dict[str, list]]]:
