@@ -219,3 +219,22 @@ def test_sparsity_compare():
     a = [{k: 0.1 for k in sparsity.METRICS}]
     b = [{k: 0.3 for k in sparsity.METRICS}]
     assert sparsity.compare({"text": a, "ood": b}, "text", "ood")[0]["gini"] == pytest.approx(0.2)
+
+
+def test_select_positions_last_of_each_span():
+    from moesaic.analysis.runs import select_positions
+    from moesaic.batch import Batch
+
+    doc_id = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2]])
+    modality = torch.tensor([[0, 0, 0, 0, 1, 1, 0, 0, 0]])
+    doc_kind = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 4, 4]])  # text, caption->image, PAD
+    z = torch.zeros(1, 9)
+    batch = Batch(
+        tokens=z.long(), targets=z.long(), patches=z.unsqueeze(-1), noise=z.unsqueeze(-1),
+        t=z, image_loss=z.bool(), modality=modality, image_id=z.long(), doc_id=doc_id,
+        doc_kind=doc_kind,
+    )  # fmt: skip
+    last_text = select_positions(batch, 0, "last")[0].nonzero().flatten().tolist()
+    assert last_text == [2, 3, 6]  # end of doc 0, caption of doc 1, eoi of doc 1; no padding
+    assert select_positions(batch, 1, "last")[0].nonzero().flatten().tolist() == [5]
+    assert int(select_positions(batch, 0, "all").sum()) == 5
