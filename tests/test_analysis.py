@@ -17,6 +17,7 @@ from moesaic.analysis.tax import (
     format_tax_table,
     least_tax,
     modality_tax,
+    tax_difference,
     tax_table,
 )
 
@@ -76,6 +77,9 @@ def test_tax_table_pairs_seeds_and_skips_joint_only_tax():
     assert cap.tax.n == 0 and cap.to_dict()["tax"] is None and cap.joint.mean == 1.6
     assert "ood_text/text" not in table["moe"]
     assert least_tax(table, "text/text") == "moe"
+    diff = tax_difference(table, "moe", "dense", "text/text")
+    assert diff.values == pytest.approx((-10.0, -5.0))  # moe taxes 0, -5 minus dense 10, 0
+    assert tax_difference(table, "moe", "dense", "caption/text") is None
     text = format_tax_table(table)
     assert "dense" in text and "+5.00 ± 7.07%" in text and "(joint only)" in text
 

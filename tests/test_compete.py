@@ -55,6 +55,9 @@ def test_smoke_study_outputs(smoke):
             assert cell["tax"]["mean"] == pytest.approx(modality_tax(j, u))
             assert cell["unimodal"]["values"] == [u] and cell["joint"]["values"] == [j]
         assert a["metrics"]["caption/text"]["tax"] is None  # joint only
+        diff = a["tax_minus_baseline"]["text/text"]["mean"]
+        dense_tax = summary["arms"]["dense"]["metrics"]["text/text"]["tax"]["mean"]
+        assert diff == pytest.approx(a["metrics"]["text/text"]["tax"]["mean"] - dense_tax)
         assert a["params_total"] >= a["params_active"] > 0
         assert a["train_flops"]["study"] == pytest.approx(
             sum(a["train_flops"][v] for v in ("text", "image", "joint"))

@@ -9,7 +9,7 @@ import torch
 from moesaic.analysis import sparsity
 from moesaic.analysis.jsonsafe import json_safe
 from moesaic.analysis.specialization import routing_specialization
-from moesaic.analysis.tax import LOSS_METRICS, tax_table
+from moesaic.analysis.tax import LOSS_METRICS, tax_difference, tax_table
 from moesaic.report import plots
 from moesaic.report.html import HtmlReport
 from moesaic.report.render_check import check_rendering, find_chromium
@@ -77,6 +77,10 @@ def synthetic_study():
             "train_flops": {"text": 1e12, "image": 1e12, "joint": 2e12, "study": 4e12},
             "runs": {},
             "metrics": {k: c.to_dict() for k, c in table[arm].items()},
+            "tax_minus_baseline": {
+                k: tax_difference(table, arm, "dense", k).to_dict()
+                for k in ("text/text", "image/image")
+            },
         }
         for i, arm in enumerate(ARMS)
     }
@@ -136,6 +140,7 @@ def test_report_is_self_contained_and_escaped(report):
     lines = plain_summary(summary)
     assert lines[0].startswith("text CE (in-distribution): 'moe' pays the least tax")
     assert "'dense' the most" in lines[0]
+    assert "Tax relative to dense (paired by seed)" in page and "-3.00 ± 0.00 * pp" in page
 
 
 def test_figures_tolerate_missing_values():

@@ -167,6 +167,21 @@ def tax_table(
     return table
 
 
+def tax_difference(
+    table: Mapping[str, Mapping[str, TaxCell]], arm: str, baseline: str, key: str
+) -> Stat | None:
+    """Paired per-seed difference tax(arm) − tax(baseline) in percentage points.
+
+    Both arms see identical data and initialisation seeds, so pairing by seed removes the
+    seed-to-seed variation they share; the difference exceeds seed noise when |mean| is large
+    against its std. None when either arm lacks the metric.
+    """
+    a, b = table.get(arm, {}).get(key), table.get(baseline, {}).get(key)
+    if a is None or b is None or a.metric.modality is None:
+        return None
+    return Stat.of(x - y for x, y in zip(a.tax.values, b.tax.values, strict=True))
+
+
 def least_tax(table: Mapping[str, Mapping[str, TaxCell]], key: str) -> str | None:
     """The arm with the smallest mean tax on metric `key` (None if no arm has a finite one)."""
     best, best_val = None, math.inf

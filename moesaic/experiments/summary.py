@@ -20,6 +20,8 @@
         "runs": {"text"|"image"|"joint": [run dir per seed]},
         "metrics": {key: {"label", "modality", "higher_is_better",
                           "unimodal": Stat|null, "joint": Stat, "tax": Stat|null}},
+        "tax_minus_baseline": {key: Stat}   (tax − tax of the first arm, paired by seed, in
+                                             percentage points; 0 for the first arm itself),
         "specialization": {overall metrics of the first seed's joint run} | null
       }},
       "least_tax": {metric key: arm},
@@ -39,7 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from moesaic.analysis.jsonsafe import json_safe
-from moesaic.analysis.tax import LOSS_METRICS, MetricSpec, format_tax_table, least_tax, tax_table
+from moesaic.analysis.tax import (
+    LOSS_METRICS,
+    MetricSpec,
+    format_tax_table,
+    least_tax,
+    tax_difference,
+    tax_table,
+)
 from moesaic.experiments.arms import get_arm
 from moesaic.experiments.compete import VARIANTS, joint_coverage, seeds_of
 from moesaic.train.checkpoint import atomic_write_text
@@ -117,6 +126,11 @@ def build_summary(study, study_dir, specs, summaries, tasks, analyses, data_plan
                 for v in VARIANTS
             },
             "metrics": {k: c.to_dict() for k, c in table.get(arm, {}).items()},
+            "tax_minus_baseline": {
+                k: d.to_dict()
+                for k in table.get(arm, {})
+                if (d := tax_difference(table, arm, study.arms[0], k)) is not None
+            },
             "specialization": (analyses.get(arm, {}).get("specialization") or {}).get("overall"),
         }
     joint_mix = {str(s): data_plan[str(s)]["joint_mix"] for s in seeds}

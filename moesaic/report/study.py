@@ -43,6 +43,21 @@ def _stat(s: Mapping[str, Any] | None, digits: int = 4, pct: bool = False) -> st
     return text + ("%" if pct else "")
 
 
+def _diff(s: Mapping[str, Any] | None) -> str:
+    """A paired difference in percentage points, starred when |mean| > 2 standard errors."""
+    if not s:
+        return "—"
+    mean, std, n = as_float(s.get("mean")), as_float(s.get("std")), int(s.get("n") or 0)
+    if not math.isfinite(mean):
+        return "—"
+    text = f"{mean:+.2f}"
+    if math.isfinite(std) and n > 1:
+        text += f" ± {std:.2f}"
+        if abs(mean) > 2 * std / math.sqrt(n):
+            text += " *"
+    return text + " pp"
+
+
 def _tax(arm: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     cell = arm["metrics"].get(key)
     return cell.get("tax") if cell else None
@@ -114,6 +129,22 @@ def study_report(
     if any(taxes.values()):
         r.heading("Modality tax")
         r.figure(plots.tax_bars(taxes, labels), "Tax per arm and metric (error bar: std).")
+    base = next(iter(arms), None)
+    rows = []
+    for name, a in arms.items():
+        if name == base:
+            continue
+        diffs = a.get("tax_minus_baseline", {})
+        rows.append([name] + [_diff(diffs.get(k)) for k in MAIN_METRICS if k in summary["metrics"]])
+    if rows:
+        r.heading(f"Tax relative to {base} (paired by seed)", level=3)
+        r.table(
+            ["arm"]
+            + [summary["metrics"][k]["label"] for k in MAIN_METRICS if k in summary["metrics"]],
+            rows,
+            "tax(arm) − tax(baseline) in percentage points, mean ± std over seeds; '*' marks "
+            "|mean| > 2 standard errors (the difference clearly exceeds seed noise).",
+        )
     r.heading("Held-out values", level=3)
     rows = []
     for name, a in arms.items():
