@@ -1,4 +1,6 @@
-"""`moesaic eval RUN_DIR`: held-out per-modality losses of a run's latest checkpoint."""
+"""`moesaic eval RUN_DIR [--tasks caption,t2i,vqa --n 500]`: held-out per-modality losses of a
+run's latest checkpoint and, with `--tasks`, task accuracy (`moesaic.evaluate.tasks`), with
+the chance level of each score next to it. Writes RUN_DIR/eval.json."""
 
 from __future__ import annotations
 
@@ -12,16 +14,54 @@ from moesaic.train.checkpoint import atomic_write_text
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run directory (runs/NAME)")
     p.add_argument("--batches", type=int, default=None, help="eval batches per set")
+    p.add_argument("--tasks", default=None, help="comma-separated: caption,t2i,vqa")
+    p.add_argument("--n", type=int, default=500, help="held-out examples per task")
+    p.add_argument("--split", default="test", help="world split of the task examples")
+    p.add_argument("--seed", type=int, default=None, help="task seed (default: eval.seed)")
+    p.add_argument("--steps", type=int, default=25, help="Euler steps for text-to-image")
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale for text-to-image")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
 
 def run(args: argparse.Namespace) -> int:
     from moesaic.evaluate.runs import load_run
 
-    run = load_run(Path(args.run_dir))
+    tasks = None
+    if args.tasks is not None:
+        from moesaic.evaluate.tasks import check_tasks
+
+        tasks = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
+    run = load_run(Path(args.run_dir), args.device)
     result = {"step": run.step, "losses": run.eval_losses(args.batches)}
+    if tasks:
+        result |= _task_results(run, tasks, args)
     out = Path(args.run_dir) / "eval.json"
     atomic_write_text(out, json.dumps(result, indent=1))
     for key, value in result["losses"].items():
         print(f"{key:24s} {value:.4f}")
+    chance = result.get("chance", {})
+    for key, value in result.get("tasks", {}).items():
+        extra = f"   (chance {chance[key]:.4f})" if key in chance else ""
+        print(f"{key:24s} {value:.4f}{extra}")
     print(f"wrote {out}")
     return 0
+
+
+def _task_results(run, tasks: list[str], args: argparse.Namespace) -> dict:
+    from moesaic.evaluate.sampling import ImageSampling, TextSampling
+    from moesaic.evaluate.tasks import chance_levels, run_tasks
+
+    seed = run.cfg.eval.seed if args.seed is None else args.seed
+    image_opts = ImageSampling(steps=args.steps, cfg_scale=args.cfg, seed=seed)
+    scores = run_tasks(run, tasks, args.n, seed, args.split, image_opts, TextSampling(seed=seed))
+    out = {
+        "tasks": scores,
+        "task_options": {
+            "tasks": tasks, "n": args.n, "split": args.split, "seed": seed,
+            "steps": args.steps, "cfg": args.cfg, "decoding": "greedy",
+        },
+    }  # fmt: skip
+    if run.cfg.data.source == "world":
+        chance = chance_levels(args.n, seed, args.split, run.cfg.data.caption_register)
+        out["chance"] = {k: v for k, v in chance.items() if k in scores}
+    return out

@@ -7,8 +7,8 @@
 Pre-norm blocks (RMSNorm) with rotary attention (optional QK-norm) and a feed-forward layer
 that is dense, per-modality or a mixture of experts (`ffn.py`, `moe.py`); no biases anywhere.
 Attention is causal across the sequence, bidirectional inside an image block and blocked
-across documents. Positions are passed explicitly to attention so a KV cache can be added for
-decoding without changing the blocks.
+across documents. Positions are passed explicitly to attention, so decoding can run one new
+position at a time against a `KVCache` of the keys and values of everything before it.
 """
 
 from __future__ import annotations
@@ -84,15 +84,65 @@ def apply_rotary(x_BLHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BLHd.dtype)
 
 
-def attention_mask(doc_id_BL: Tensor, image_id_BL: Tensor) -> Tensor:
-    """Boolean [B, 1, L, L], True = may attend: same document and (causal or same image)."""
+def attention_mask(doc_id_BL: Tensor, image_id_BL: Tensor, first_query: int = 0) -> Tensor:
+    """Boolean [B, 1, L - first_query, L], True = may attend: same document and (causal or same
+    image). Query rows start at `first_query` (> 0 when earlier positions are in a KV cache)."""
     L = doc_id_BL.shape[1]
     pos = torch.arange(L, device=doc_id_BL.device)
-    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)
-    same_doc = doc_id_BL.unsqueeze(2) == doc_id_BL.unsqueeze(1)
-    img = image_id_BL
-    same_image = (img.unsqueeze(2) == img.unsqueeze(1)) & (img >= 0).unsqueeze(2)
+    causal = pos[first_query:].unsqueeze(1) >= pos.unsqueeze(0)
+    doc_q, img_q, img = doc_id_BL[:, first_query:], image_id_BL[:, first_query:], image_id_BL
+    same_doc = doc_q.unsqueeze(2) == doc_id_BL.unsqueeze(1)
+    same_image = (img_q.unsqueeze(2) == img.unsqueeze(1)) & (img_q >= 0).unsqueeze(2)
     return (same_doc & (causal | same_image)).unsqueeze(1)
+
+
+class LayerKV:
+    """One block's cached keys and values: [B, H, L_cached, d] each."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def extend(self, k_BHLd: Tensor, v_BHLd: Tensor) -> tuple[Tensor, Tensor]:
+        """Append a new chunk's keys and values; return all of them so far."""
+        if self.k is not None:
+            k_BHLd = torch.cat([self.k, k_BHLd], dim=2)
+            v_BHLd = torch.cat([self.v, v_BHLd], dim=2)
+        self.k, self.v = k_BHLd, v_BHLd
+        return k_BHLd, v_BHLd
+
+
+class KVCache:
+    """Keys and values of the positions run so far, for decoding one chunk at a time.
+
+    Pass the same cache (empty at first) to successive forward passes over consecutive chunks
+    of the same rows: each chunk attends to the cached positions and itself under the packed
+    mask (the document and image ids of cached positions are kept for it), and is appended.
+    Running a sequence in chunks this way gives the same outputs as one full forward pass,
+    provided no chunk boundary splits an image block (its attention is bidirectional).
+    """
+
+    def __init__(self) -> None:
+        self.layers: list[LayerKV] = []
+        self.doc_id: Tensor | None = None  # [B, L_cached]
+        self.image_id: Tensor | None = None
+
+    def layer(self, i: int) -> LayerKV:
+        while len(self.layers) <= i:
+            self.layers.append(LayerKV())
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return 0 if self.doc_id is None else self.doc_id.shape[1]
+
+    def extend_mask(self, doc_id_BL: Tensor, image_id_BL: Tensor) -> Tensor:
+        """Record a new chunk's ids; its mask [B, 1, L_new, L_cached + L_new]."""
+        first = len(self)
+        if self.doc_id is not None:
+            doc_id_BL = torch.cat([self.doc_id, doc_id_BL], dim=1)
+            image_id_BL = torch.cat([self.image_id, image_id_BL], dim=1)
+        self.doc_id, self.image_id = doc_id_BL, image_id_BL
+        return attention_mask(doc_id_BL, image_id_BL, first)
 
 
 class Attention(nn.Module):
@@ -104,12 +154,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x_BLD: Tensor, rope: tuple[Tensor, Tensor], mask) -> Tensor:
-        """`mask` is a boolean [B, 1, L, L] tensor (SDPA) or a FlexAttention BlockMask."""
+    def forward(
+        self, x_BLD: Tensor, rope: tuple[Tensor, Tensor], mask, kv: LayerKV | None = None
+    ) -> Tensor:
+        """`mask` is a boolean [B, 1, L, L] tensor (SDPA) or a FlexAttention BlockMask; with a
+        cache `kv` the new keys and values are appended to it and the boolean mask is
+        [B, 1, L, L_cached + L]."""
         B, L, D = x_BLD.shape
         q, k, v = self.wqkv(x_BLD).view(B, L, 3, self.heads, self.head_dim).unbind(2)
         q, k = apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, L, d]
+        if kv is not None:
+            k, v = kv.extend(k, v)
         if isinstance(mask, Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -134,8 +190,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = build_ffn(cfg.ffn, cfg.dim, layer)
 
-    def forward(self, x_BLD: Tensor, rope, mask, meta: TokenMeta) -> tuple[Tensor, Tensor | None]:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, mask)
+    def forward(
+        self, x_BLD: Tensor, rope, mask, meta: TokenMeta, kv: LayerKV | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, mask, kv)
         B, L, D = x_BLD.shape
         y_TD, aux = self.ffn(self.ffn_norm(x_BLD).reshape(B * L, D), meta)
         return x_BLD + y_TD.view(B, L, D), aux
@@ -213,13 +271,19 @@ class Transformer(nn.Module):
         batch: Batch,
         output_hidden_states: bool = False,
         positions: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
-        """Full forward pass and losses. `positions` [B, L] default to 0..L-1 in every row."""
+        """Forward pass and losses. `positions` [B, L] default to 0..L-1 in every row (after
+        the cached positions, with a `cache`). With `cache`, `batch` is the next chunk of the
+        cached rows: it attends to them and is added to the cache (decoding)."""
         B, L = batch.shape
         if positions is None:
-            positions = torch.arange(L, device=batch.tokens.device).expand(B, L)
+            start = len(cache) if cache is not None else 0
+            positions = torch.arange(start, start + L, device=batch.tokens.device).expand(B, L)
         rope = self.rotary(positions)
-        if self.uses_flex(batch.tokens.device):
+        if cache is not None:
+            mask = cache.extend_mask(batch.doc_id, batch.image_id)
+        elif self.uses_flex(batch.tokens.device):
             mask = flex.block_mask(batch.doc_id, batch.image_id)
         else:
             mask = attention_mask(batch.doc_id, batch.image_id)
@@ -231,8 +295,8 @@ class Transformer(nn.Module):
         )
         x = self.embed(batch)
         hidden, aux_terms = [], []
-        for block in self.blocks:
-            x, aux = block(x, rope, mask, meta)
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, rope, mask, meta, None if cache is None else cache.layer(i))
             if aux is not None:
                 aux_terms.append(aux)
             if output_hidden_states:
