@@ -1,4 +1,12 @@
+import os
+
 import pytest
+import torch
+
+# Test models are tiny: one thread per process avoids thread start-up and barrier costs, and
+# keeps tests that run several processes (resume, distributed) from oversubscribing the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True, scope="session")
