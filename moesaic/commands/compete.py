@@ -22,7 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs", help="parent directory of the study (default runs/)")
     p.add_argument("--seeds", type=int, help="seeds per run (mean ± spread is reported)")
     p.add_argument("--arms", help="comma-separated arms, e.g. dense,modality,moe,moe-groups")
-    p.add_argument("--jobs", type=int, help="runs trained in parallel (one CPU thread each)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="runs trained at once in separate processes (default: the preset's)",
+    )
     p.add_argument("--name", help="study name (default: the preset's, e.g. compete-quick)")
 
 
