@@ -140,9 +140,11 @@ def _dp_train(variant: str) -> dict:
         update_router_biases(model, all_reduce=D.all_reduce_sum)
         opt.zero_grad(set_to_none=True)
         losses.append(D.all_reduce_mean(out.loss.detach().clone()).item())
+    from moesaic.model.moe import moe_layers
     from moesaic.train.dist_checkpoint import full_model_state
 
-    return {"losses": losses, "norms": norms, "weights": full_model_state(model)}
+    biases = [m.router_bias.clone() for m in moe_layers(model)]
+    return {"losses": losses, "norms": norms, "weights": full_model_state(model), "bias": biases}
 
 
 def _reference(variant: str, world: int = 2) -> dict:
@@ -166,8 +168,12 @@ def _reference(variant: str, world: int = 2) -> dict:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fsdp_training_matches_single_process_at_the_same_global_batch(variant):
-    got = run_distributed(_dp_train, 2, variant)[0]
-    ref = _reference(variant)
+    ranks = run_distributed(_dp_train, 2, variant)
+    got, ref = ranks[0], _reference(variant)
+    for a, b in zip(ranks[0]["bias"], ranks[1]["bias"], strict=True):  # identical on every rank
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if "moe" in variant:
+        assert any(b.abs().sum() > 0 for b in got["bias"])  # the bias did move
     assert got["losses"][0] != got["losses"][-1]  # the weights did change between steps
     for a, b in zip(got["losses"], ref["losses"], strict=True):
         assert a == pytest.approx(b, rel=1e-5)

@@ -5,6 +5,7 @@ the real `torchrun` command line (slow)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,33 +39,35 @@ def _resume(run_dir: str, steps: int) -> dict:
     """Resume on every rank; the eval losses right after loading, then the finished run."""
     trainer = Trainer(load_run_config(Path(run_dir), [f"train.steps={steps}"]), run_dir, True)
     try:
-        loaded = trainer.evaluate()["losses"]
+        loaded = trainer.evaluate()
         return {"loaded": loaded, "summary": trainer.run(), "world": trainer.world.world_size}
     finally:
         trainer.close()
 
 
 def test_sharded_resume_at_the_same_world_size_is_exact(tmp_path):
-    """MoE with bias balancing and expert parallelism: a run stopped at step 2 and resumed
-    equals an uninterrupted run (weights, optimizer, biases, every rank's data position)."""
-    extra = [*MOE, "model.ffn.bias_rate=0.01", "dist.expert_parallel=2"]
-    full = run_distributed(_train, 2, str(tmp_path), "full", [*extra, "train.steps=4"])
+    """MoE with bias balancing and expert parallelism: resuming the step-2 checkpoint of a
+    4-step run replays steps 3-4 exactly (weights, optimizer, biases, every rank's data)."""
+    extra = [*MOE, "model.ffn.bias_rate=0.01", "dist.expert_parallel=2", "train.steps=4"]
+    full = run_distributed(_train, 2, str(tmp_path), "run", extra)
     assert [s["status"] for s in full] == ["finished", "finished"]
-    run_distributed(_train, 2, str(tmp_path), "cut", [*extra, "train.steps=2"])
-    cut = tmp_path / "cut"
-    ckpt = cut / "checkpoints" / "step-00000002"
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "step-00000002"
     assert (ckpt / "dcp").is_dir() and (ckpt / "model.safetensors").is_file()
     assert not list(ckpt.rglob("*.metadata"))
-    run_distributed(_resume, 2, str(cut), 4)
+    first = _records(run_dir, "train")
+    assert [r["step"] for r in first] == [1, 2, 3, 4]  # rank 0 alone wrote the log
+    final_eval = _records(run_dir, "eval")[-1]
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000004")
+    (run_dir / "summary.json").unlink()
 
-    a, b = _records(tmp_path / "full", "train"), _records(cut, "train")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]  # rank 0 alone wrote the log, once per step
-    for x, y in zip(a, b, strict=True):
+    run_distributed(_resume, 2, str(run_dir), 4)
+    again = _records(run_dir, "train")
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for x, y in zip(first, again, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-7)
         assert x["tokens"] == y["tokens"] == x["step"] * 2 * 2 * 64  # ranks × rows × seq_len
-    assert _records(tmp_path / "full", "eval")[-1]["losses"] == pytest.approx(
-        _records(cut, "eval")[-1]["losses"], rel=1e-6
-    )
+    assert _records(run_dir, "eval")[-1]["losses"] == pytest.approx(final_eval["losses"], rel=1e-6)
 
 
 def _cli(out: str) -> int:
@@ -82,7 +85,9 @@ def test_resume_with_another_number_of_processes(tmp_path):
 
     one = _resume(str(run_dir), 3)  # this process: WORLD_SIZE unset
     assert one["world"] == 1
-    assert one["loaded"] == pytest.approx(saved_eval["losses"], rel=1e-5)
+    assert one["loaded"]["losses"] == pytest.approx(saved_eval["losses"], rel=1e-5)
+    # the 2-rank eval dealt the batches out and summed the routing counts over ranks
+    assert one["loaded"]["routing"] == saved_eval["routing"] and saved_eval["routing"]
     assert one["summary"]["step"] == 3
     step3 = run_dir / "checkpoints" / "step-00000003"
     assert (step3 / "optimizer.safetensors").is_file() and not (step3 / "dcp").exists()
@@ -92,7 +97,8 @@ def test_resume_with_another_number_of_processes(tmp_path):
     assert after_one["step"] == 3
     for rank in two:
         assert rank["world"] == 2
-        assert rank["loaded"] == pytest.approx(after_one["losses"], rel=1e-5)
+        assert rank["loaded"]["losses"] == pytest.approx(after_one["losses"], rel=1e-5)
+        assert rank["loaded"]["routing"] == after_one["routing"]
     train = _records(run_dir, "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
