@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+import json
 import random
 
 import numpy as np
@@ -261,3 +262,14 @@ def test_kv_cache_chunks_equal_one_forward(run, sampler):
     assert len(cache) == 64
     torch.testing.assert_close(torch.cat(logits, 1), full.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(image, 1), full.image_pred, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_sample_writes_its_figures(tmp_path, capsys):
+    from tests.train_utils import MICRO
+
+    out = tmp_path / "bench.json"
+    args = ["--images", "2", "--captions", "2", "--tokens", "4", "--steps", "2", "--repeats", "1"]
+    assert main(["bench", "sample", "tiny", *MICRO, *args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images_per_s"] > 0 and result["decoding"]["4"]["cached_over_uncached"] > 0
+    assert "captions, cached" in capsys.readouterr().out

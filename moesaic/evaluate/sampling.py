@@ -163,20 +163,20 @@ class Sampler:
 
     # ------------------------------------------------------------------ text
 
-    def _continue(self, docs: list[Doc], opts: TextSampling | None) -> list[str]:
+    def _continue(self, docs: list[Doc], opts: TextSampling | None) -> list[list[int]]:
+        """Generated token ids after each prefix document (eos excluded)."""
         opts = (opts or TextSampling()).check()
-        texts: list[str] = []
+        out: list[list[int]] = []
         for lo in range(0, len(docs), opts.batch_size):
             chunk = docs[lo : lo + opts.batch_size]
             batch, positions = right_align(self._pack(chunk), [len(d) for d in chunk])
             room = self.data.seq_len - batch.shape[1]
             n_new = opts.max_new_tokens or max(room, 1)
-            ids = decode(
+            out += decode(
                 self.model, batch, positions, opts, self.ids.eos, self.ids.pad, n_new,
                 self.autocast,
             )  # fmt: skip
-            texts += [self.tok.decode(row) for row in ids]
-        return texts
+        return out
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         x = np.asarray(images, dtype=np.float32)
@@ -188,10 +188,14 @@ class Sampler:
             )
         return x
 
-    def captions(self, images: np.ndarray, opts: TextSampling | None = None) -> list[str]:
-        """A caption for each image [N, S, S, C] in [-1, 1]."""
+    def caption_ids(self, images: np.ndarray, opts: TextSampling | None = None) -> list[list[int]]:
+        """Generated caption token ids for each image [N, S, S, C] in [-1, 1]."""
         x = self._check_images(images)
         return self._continue([self._prefix_doc("image_caption", im, None) for im in x], opts)
+
+    def captions(self, images: np.ndarray, opts: TextSampling | None = None) -> list[str]:
+        """A caption for each image [N, S, S, C] in [-1, 1]."""
+        return [self.tok.decode(ids) for ids in self.caption_ids(images, opts)]
 
     def answers(
         self,
@@ -203,8 +207,6 @@ class Sampler:
         x = self._check_images(images)
         if len(x) != len(questions):
             raise ConfigError(f"{len(x)} images but {len(questions)} questions; give one each")
-        docs = [
-            self._prefix_doc("vqa", im, self.tok.encode(q))
-            for im, q in zip(x, questions, strict=True)
-        ]
-        return [a.strip() for a in self._continue(docs, opts)]
+        qs = [self.tok.encode(q) for q in questions]
+        docs = [self._prefix_doc("vqa", im, q) for im, q in zip(x, qs, strict=True)]
+        return [self.tok.decode(ids).strip() for ids in self._continue(docs, opts)]
