@@ -107,10 +107,10 @@ def test_expert_parallel_size_must_divide_experts_and_world():
 # ------------------------------------------------------------------------------- data parallel
 
 STEPS, LR = 3, 1e-2
-VARIANTS = {
-    "dense": (lambda: tiny_config(), 1),
-    "moe": (lambda: moe_config(bias_rate=0.01, shared="per_modality"), 1),
-    "moe-ep2": (lambda: moe_config(bias_rate=0.01), 2),
+VARIANTS = {  # model, parallelism
+    "dense-keep-gathered": (tiny_config, DistConfig(reshard_after_forward=False)),
+    "moe": (lambda: moe_config(bias_rate=0.01, shared="per_modality"), DistConfig()),
+    "moe-ep2": (lambda: moe_config(bias_rate=0.01), DistConfig(expert_parallel=2)),
 }
 
 
@@ -129,7 +129,7 @@ def _model(variant: str) -> Transformer:
 
 def _dp_train(variant: str) -> dict:
     model = _model(variant)
-    D.parallelize(model, DistConfig(expert_parallel=VARIANTS[variant][1]), torch.device("cpu"))
+    D.parallelize(model, VARIANTS[variant][1], torch.device("cpu"))
     opt = build_optimizer(model, _train_cfg())
     losses, norms = [], []
     for step in range(STEPS):

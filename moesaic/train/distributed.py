@@ -1,4 +1,4 @@
-"""Scale-out on torch.distributed: process group, device meshes, FSDP2, collectives, watchdog.
+"""Scale-out on torch.distributed: process group, device meshes, FSDP2, collectives.
 
 A run with several processes is launched by `torchrun` (or any launcher that sets the same
 environment: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); the same code
