@@ -232,3 +232,21 @@ def test_eval_cli_writes_tasks_and_keeps_losses(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--tasks", "cap"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_real_data_reports_held_out_losses_only(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    lines = []
+    for i in range(24):
+        Image.new("RGB", (20, 20), (i * 10, 80, 200)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file": f"{i}.png", "caption": f"a picture number {i}"}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    run = micro_run("data.source=folder", f"data.paths=[{root}]", "data.vocab_size=300")
+    out = run_tasks(run, ["caption", "t2i"], n=5)
+    assert set(out) == {"caption/text_loss", "t2i/image_loss"}
+    assert all(v > 0 for v in out.values())
+    with pytest.raises(ConfigError, match="needs the built-in world"):
+        run_tasks(run, ["vqa"], n=5)
