@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from moesaic.analysis.jsonsafe import as_float  # noqa: E402
 
@@ -232,6 +233,7 @@ def sparsity_plot(
                 )
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("layer", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
     if axes[0].lines:
         axes[0].legend(fontsize=6)
@@ -262,7 +264,7 @@ def save_analysis_figures(analysis: Mapping[str, Any], out_dir: Any, title: str)
     paths = []
     for name, fig in figures.items():
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=90, bbox_inches="tight")
+        fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
     return paths
