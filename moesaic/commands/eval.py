@@ -16,7 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=None, help="eval batches per set")
     p.add_argument("--tasks", default=None, help="comma-separated: caption,t2i,vqa")
     p.add_argument("--n", type=int, default=500, help="held-out examples per task")
-    p.add_argument("--split", default="test", help="world split of the task examples")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "val", "train"),
+        help="world split of the task examples",
+    )
     p.add_argument("--seed", type=int, default=None, help="task seed (default: eval.seed)")
     p.add_argument("--steps", type=int, default=25, help="Euler steps for text-to-image")
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale for text-to-image")
