@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print()
     print(summary["tax_table"])
+    _print_relative(summary)
     shift = summary["data"]["caption_shift"]
     print(
         f"\ncaption shift (JS, bits): unigram {shift['unigram_js']:.4f}, "
@@ -66,3 +67,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"summary: {study_dir / 'summary.json'}")
     print(f"report:  {study_dir / 'report.html'}")
     return 0
+
+
+def _print_relative(summary: dict) -> None:
+    """Each arm's tax minus the first arm's, paired by seed (percentage points)."""
+    arms = list(summary["arms"])
+    if len(arms) < 2:
+        return
+    keys = [k for k in ("text/text", "ood_text/text", "image/image") if k in summary["metrics"]]
+    print(f"\ntax relative to {arms[0]} (percentage points, mean ± std over seeds):")
+    for arm in arms[1:]:
+        diffs = summary["arms"][arm].get("tax_minus_baseline", {})
+        cells = []
+        for k in keys:
+            d = diffs.get(k) or {}
+            mean, std = d.get("mean"), d.get("std")
+            text = (
+                "—" if mean is None else f"{mean:+.2f}" + ("" if std is None else f" ± {std:.2f}")
+            )
+            cells.append(f"{summary['metrics'][k]['label']}: {text}")
+        print(f"  {arm:<24} " + "; ".join(cells))
