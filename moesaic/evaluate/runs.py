@@ -14,6 +14,7 @@ from moesaic.errors import CheckpointError
 from moesaic.evaluate.losses import eval_losses
 from moesaic.model import Transformer
 from moesaic.train import checkpoint as ckpt
+from moesaic.train.dist_checkpoint import latest_any_checkpoint
 from moesaic.train.runtime import autocast_factory, cache_dir, resolve_device
 
 
@@ -47,7 +48,7 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
     if not tok_path.is_file():
         raise CheckpointError(f"run directory '{run_dir}' has no tokenizer.json")
     tokenizer = load_tokenizer(dataclasses.replace(cfg.data, tokenizer=str(tok_path)), cache_dir())
-    found, rejected = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    found, rejected = latest_any_checkpoint(run_dir / "checkpoints")
     if found is None:
         why = f" ({rejected[0]})" if rejected else ""
         raise CheckpointError(f"run directory '{run_dir}' has no usable checkpoint{why}")
