@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moesaic.evaluate.runs import load_run
+    from moesaic.train.runtime import set_threads
 
     tasks = None
     if args.tasks is not None:
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
         tasks = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
     run = load_run(Path(args.run_dir), args.device)
+    set_threads(run.cfg.train)
     result = {"step": run.step, "losses": run.eval_losses(args.batches)}
     if tasks:
         result |= _task_results(run, tasks, args)
