@@ -7,8 +7,10 @@ mix. The three runs of an arm:
     text   `data.mix = {text: 1}`, `text_steps` steps
     image  `data.mix = study.image_mix` (caption→image pairs and bare images), `image_steps`
            steps, `data.caption_loss = false`: the captions are conditioning only
-    joint  `text_steps + image_steps` steps, `data.mix` = the document tokens per kind that
-           the two unimodal streams produce (measured by replaying them before training)
+    joint  `data.mix` = the document tokens per kind that the two unimodal streams produce
+           (measured by replaying them before training); as many steps as its own stream
+           needs to produce that many tokens (≈ text_steps + image_steps, a few percent fewer
+           because mixed rows pack with less padding)
 
 Because the packer's scheduler keeps every kind exactly at its token share, the joint stream
 draws the same text documents as the text-only run and the same image documents as the
@@ -16,7 +18,7 @@ image-only run, in the same order, interleaved: the joint run sees the union of 
 runs' data (equal token budget per modality) and nothing else. `data.caption_loss = false`
 everywhere, so every loss-bearing token of the joint run is one that a unimodal run also trains
 on. After training, the joint stream's actual tokens per kind are compared with the unimodal
-ones ("coverage" in summary.json; 1.0 = identical, deviations come from row packing only).
+ones ("coverage" in summary.json; 1.0 = identical, at most one step's worth more).
 All arms of a seed see identical data, at the same active FFN compute per token.
 """
 
@@ -64,15 +66,21 @@ def _mix(mix: dict[str, float]) -> str:
     return json.dumps(mix, sort_keys=True)
 
 
-def variant_overrides(study: StudyConfig, variant: str, seed: int, joint_mix: dict) -> list[str]:
-    """Data and step overrides of one variant (the arm's model overrides come separately)."""
+def variant_overrides(
+    study: StudyConfig, variant: str, seed: int, joint: dict[str, Any] | None = None
+) -> list[str]:
+    """Data and step overrides of one variant (the arm's model overrides come separately).
+
+    `joint` is the seed's data plan entry ({"mix", "steps"}), needed for the joint variant.
+    """
     common = ["data.caption_loss=false", f"train.seed={seed}", f"data.seed={seed}"]
     if variant == "text":
         return [*common, f"data.mix={_mix({'text': 1.0})}", f"train.steps={study.text_steps}"]
     if variant == "image":
         return [*common, f"data.mix={_mix(study.image_mix)}", f"train.steps={study.image_steps}"]
-    steps = study.text_steps + study.image_steps
-    return [*common, f"data.mix={_mix(joint_mix)}", f"train.steps={steps}"]
+    if joint is None:
+        raise ValueError("the joint variant needs the data plan's mix and steps")
+    return [*common, f"data.mix={_mix(joint['mix'])}", f"train.steps={joint['steps']}"]
 
 
 def base_config(study: StudyConfig, extra: list[str] | tuple[str, ...] = ()) -> Config:
@@ -92,30 +100,58 @@ def stream_tokens(cfg: Config, tok: Any) -> dict[str, Any]:
     return {"produced": dict(stream.produced), "rows": stream.rows}
 
 
+def steps_to_cover(cfg: Config, tok: Any, tokens: int) -> int:
+    """Optimizer steps after which the stream of `cfg` has produced `tokens` document tokens.
+
+    Mixed rows pack more tightly than unimodal ones (short image documents fill the gaps), so
+    the joint run needs slightly fewer steps than text_steps + image_steps to see the same data.
+    """
+    from moesaic.data import build_stream
+
+    stream = build_stream(cfg.data, tok, split="train")
+    batches = 0
+    while sum(stream.produced.values()) < tokens:
+        next(stream)
+        batches += 1
+    return max(1, -(-batches // cfg.train.grad_accum))
+
+
+def _key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def plan_data(study: StudyConfig, study_dir: Path, tok: Any, log: Callable) -> dict[str, Any]:
-    """Per seed: tokens per kind of the unimodal streams → the joint mix (cached on disk)."""
+    """Per seed: tokens per kind of the unimodal streams → the joint mix and step count.
+
+    The joint mix is the unimodal runs' document tokens per kind; its steps are the fewest
+    after which the joint stream has produced as many document tokens as both unimodal streams
+    together (at most one step's worth more). Cached in `data-plan.json`.
+    """
     path = study_dir / "data-plan.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     plan: dict[str, Any] = {}
     for seed in seeds_of(study):
+        old = cached.get(str(seed), {})
         per = {}
         for variant in ("text", "image"):
-            cfg = base_config(study, variant_overrides(study, variant, seed, {}))
-            key = hashlib.sha256(
-                json.dumps(
-                    [cfg.data.__dict__, cfg.train.steps, cfg.train.grad_accum],
-                    sort_keys=True,
-                    default=str,
-                ).encode()
-            ).hexdigest()[:16]
-            old = cached.get(str(seed), {}).get(variant)
-            if old and old.get("key") == key:
-                per[variant] = old
+            cfg = base_config(study, variant_overrides(study, variant, seed))
+            key = _key(cfg.data.__dict__, cfg.train.steps, cfg.train.grad_accum)
+            if old.get(variant, {}).get("key") == key:
+                per[variant] = old[variant]
                 continue
             log(f"planning data: replaying the {variant}-only stream of seed {seed}")
             per[variant] = {"key": key, **stream_tokens(cfg, tok)}
-        joint = {**per["text"]["produced"], **per["image"]["produced"]}
-        plan[str(seed)] = {**per, "joint_mix": {k: float(v) for k, v in sorted(joint.items())}}
+        produced = {**per["text"]["produced"], **per["image"]["produced"]}
+        joint = {"mix": {k: float(v) for k, v in sorted(produced.items())}}
+        cfg = base_config(study, variant_overrides(study, "joint", seed, {**joint, "steps": 1}))
+        key = _key(cfg.data.__dict__, cfg.train.grad_accum)
+        if old.get("joint", {}).get("key") == key:
+            joint = old["joint"]
+        else:
+            log(f"planning data: steps of the joint run of seed {seed}")
+            joint |= {"key": key, "steps": steps_to_cover(cfg, tok, sum(produced.values()))}
+        plan[str(seed)] = {**per, "joint": joint}
     atomic_write_text(path, json.dumps({**cached, **plan}, indent=1))
     return plan
 
@@ -127,7 +163,7 @@ def plan_runs(study: StudyConfig, data_plan: dict[str, Any]) -> list[RunSpec]:
     """Every run of the study, seed-major (a complete first seed comes first)."""
     specs = []
     for seed in seeds_of(study):
-        joint_mix = data_plan[str(seed)]["joint_mix"]
+        joint = data_plan[str(seed)]["joint"]
         for arm_name in study.arms:
             arm = get_arm(arm_name)
             arm_over = arm.overrides(study.experts, study.granularity)
@@ -135,7 +171,7 @@ def plan_runs(study: StudyConfig, data_plan: dict[str, Any]) -> list[RunSpec]:
                 arm_over.append(f"train.lr={study.lr[arm_name]}")
             for variant in VARIANTS:
                 name = f"{arm_name}-{variant}-s{seed}"
-                over = [*arm_over, *variant_overrides(study, variant, seed, joint_mix)]
+                over = [*arm_over, *variant_overrides(study, variant, seed, joint)]
                 specs.append(RunSpec(arm_name, variant, seed, name, tuple(over)))
     return specs
 

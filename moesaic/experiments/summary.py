@@ -7,7 +7,7 @@
       "metrics": {key: {"label", "modality": "text"|"image"|null, "higher_is_better"}},
       "data": {
         "caption_loss": false,
-        "steps": {"text": S_t, "image": S_i, "joint": S_t + S_i},
+        "steps": {"text": S_t, "image": S_i, "joint": {seed: steps}},
         "mix": {"text": {...}, "image": {...}, "joint": {seed: {...}}},
         "coverage": {seed: {"joint_tokens", "unimodal_tokens", "ratio": {kind: joint/unimodal}}},
         "caption_shift": {"unigram_js", "bigram_js", "register"}
@@ -133,7 +133,8 @@ def build_summary(study, study_dir, specs, summaries, tasks, analyses, data_plan
             },
             "specialization": (analyses.get(arm, {}).get("specialization") or {}).get("overall"),
         }
-    joint_mix = {str(s): data_plan[str(s)]["joint_mix"] for s in seeds}
+    joint_mix = {str(s): data_plan[str(s)]["joint"]["mix"] for s in seeds}
+    joint_steps = {str(s): data_plan[str(s)]["joint"]["steps"] for s in seeds}
     return json_safe(
         {
             "schema": SCHEMA,
@@ -152,7 +153,7 @@ def build_summary(study, study_dir, specs, summaries, tasks, analyses, data_plan
                 "steps": {
                     "text": study.text_steps,
                     "image": study.image_steps,
-                    "joint": study.text_steps + study.image_steps,
+                    "joint": joint_steps,
                 },
                 "mix": {"text": {"text": 1.0}, "image": study.image_mix, "joint": joint_mix},
                 "coverage": {

@@ -58,6 +58,14 @@ def _diff(s: Mapping[str, Any] | None) -> str:
     return text + " pp"
 
 
+def _joint_steps(steps: Any) -> str:
+    """Joint steps per seed ({seed: steps}) as "768" or "766–768"."""
+    if not isinstance(steps, Mapping):
+        return str(steps)
+    values = sorted(set(steps.values()))
+    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
+
+
 def _tax(arm: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     cell = arm["metrics"].get(key)
     return cell.get("tax") if cell else None
@@ -249,8 +257,9 @@ def study_report(
             f"text-only run: {steps['text']} steps of text documents",
             f"image-only run: {steps['image']} steps of {', '.join(data['mix']['image'])} "
             "documents; captions are conditioning only (data.caption_loss=false)",
-            f"joint run: {steps['joint']} steps; the mix is the unimodal runs' token counts, so it "
-            "sees the same documents as both unimodal runs together",
+            f"joint run: {_joint_steps(steps['joint'])} steps; its mix is the unimodal runs' "
+            "token counts and it stops once it has produced as many tokens, so it sees the same "
+            "documents as both unimodal runs together",
         ]
     )
     shift = data.get("caption_shift") or {}
