@@ -23,7 +23,12 @@ from torch import Tensor, nn
 
 from moesaic.errors import ConfigError
 
-BACKENDS = ("auto", "grouped_mm", "split")
+BACKENDS = ("auto", "grouped_mm", "split", "padded")
+# `auto` on CPU pads experts to a common capacity and runs one batched matmul when that adds at
+# most PAD_MAX_WASTE − 1 padding rows and experts get PAD_MIN_ROWS rows on average (below that
+# the largest count is far above the mean and padding wastes more than it saves).
+PAD_MAX_WASTE = 1.25
+PAD_MIN_ROWS = 16
 
 
 @dataclasses.dataclass
@@ -42,18 +47,19 @@ class Routing:
     counts_E: Tensor
     num_tokens: int
     k: int
+    expert_S: Tensor | None = None  # expert of each sorted row (non-decreasing)
 
 
 def sort_by_expert(expert_TK: Tensor, num_experts: int) -> Routing:
     """Stable sort of the flattened assignments by expert id; no host synchronisation."""
     T, k = expert_TK.shape
     flat = expert_TK.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    expert_S, order = torch.sort(flat, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
     counts.index_add_(0, flat, torch.ones_like(flat))
-    return Routing(order, order // k, inverse, counts, T, k)
+    return Routing(order, order // k, inverse, counts, T, k, expert_S)
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -61,58 +67,110 @@ def _wide(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _sum_slots(y_SD: Tensor, token_S: Tensor, inverse_S: Tensor, k: int) -> Tensor:
-    """Σ over each token's k rows of y, in fp32: [S, D] -> [T, D].
+@dataclasses.dataclass
+class PaddedRouting:
+    """Sorted rows laid out in E equal blocks of `capacity` slots (P = E·capacity).
 
-    On CPU a scatter-add in sorted-row order (index_add_ runs serially there, so the order of
-    the k additions is fixed, and it streams through y instead of gathering it at random);
-    elsewhere a gather to [T, k, D] and a sum, which needs no atomics.
+    Slot e·C + j holds expert e's j-th row (token order kept), so all experts run as one batched
+    matmul over [E, C, ·]. Slots past an expert's count are padding: their gate is 0, so their
+    activations, outputs and weight gradients are exactly 0 whatever row they read.
+
+    gather_P:  token each slot reads (padding reads the last token: finite, then scaled by 0)
+    scatter_P: token each slot is summed into (padding: T, an extra row that is dropped)
+    flat_P:    flat assignment index (token·k + slot) of each slot (padding: T·k, dropped)
+    slot_F:    slot of each flat assignment (the inverse of flat_P on real slots)
     """
-    T = inverse_S.numel() // k
-    y_SD = _wide(y_SD)
-    if y_SD.device.type == "cpu":
-        return y_SD.new_zeros(T, y_SD.shape[-1]).index_add_(0, token_S, y_SD)
-    return y_SD.index_select(0, inverse_S).view(T, k, -1).sum(1)
+
+    gather_P: Tensor
+    scatter_P: Tensor
+    flat_P: Tensor
+    slot_F: Tensor
+    capacity: int
+
+
+def pad_routing(routing: Routing, capacity: int) -> PaddedRouting:
+    """Padded slots for `routing`; `capacity` must be at least the largest expert count."""
+    T, k, E = routing.num_tokens, routing.k, routing.counts_E.numel()
+    expert_S, device = routing.expert_S, routing.order_S.device
+    start_E = routing.counts_E.cumsum(0) - routing.counts_E
+    slot_S = torch.arange(expert_S.numel(), device=device) - start_E[expert_S]
+    slot_S += expert_S * capacity
+    scatter_P = torch.full((E * capacity,), T, dtype=torch.int64, device=device)
+    scatter_P.index_copy_(0, slot_S, routing.token_S)
+    flat_P = torch.full((E * capacity,), T * k, dtype=torch.int64, device=device)
+    flat_P.index_copy_(0, slot_S, routing.order_S)
+    gather_P = scatter_P.clamp(max=max(T - 1, 0))
+    return PaddedRouting(gather_P, scatter_P, flat_P, slot_S[routing.inverse_S], capacity)
+
+
+@dataclasses.dataclass
+class _Rows:
+    """How rows move between token order [T, D] and expert order [N, D] (N = S or P)."""
+
+    gather_N: Tensor  # token each row reads
+    scatter_N: Tensor  # token each row is summed into (T: a dropped row, when `dropped`)
+    num_tokens: int
+    dropped: bool = False
+    inverse_F: Tensor | None = None  # row of each flat assignment token·k + slot
+    k: int = 1
+
+
+def _sum_rows(y_ND: Tensor, rows: _Rows) -> Tensor:
+    """Σ of the rows of each token, in fp32: [N, D] -> [T, D], deterministic, no atomics.
+
+    On CPU one `embedding_bag` over the [T, k] rows of the tokens: each token's rows are
+    summed in slot order by one thread, without materialising the gathered [T, k, D] (it is
+    several times faster than index_add_ there, whose multi-threaded path sorts the index);
+    elsewhere a gather to [T, k, D] and a sum.
+    """
+    T, k, y_ND = rows.num_tokens, rows.k, _wide(y_ND)
+    if rows.inverse_F is None:
+        out = y_ND.new_zeros(T + rows.dropped, y_ND.shape[-1]).index_add_(0, rows.scatter_N, y_ND)
+        return out[:T] if rows.dropped else out
+    if y_ND.device.type == "cpu":
+        return F.embedding_bag(rows.inverse_F.view(T, k), y_ND, mode="sum")
+    return y_ND.index_select(0, rows.inverse_F).view(T, k, -1).sum(1)
 
 
 class _Permute(torch.autograd.Function):
-    """x_SD = x_TD[token_S]; backward sums the k rows of each token (`_sum_slots`)."""
+    """x_ND = x_TD[gather_N]; backward sums each token's rows (`_sum_rows`)."""
 
     @staticmethod
-    def forward(ctx, x_TD: Tensor, token_S: Tensor, inverse_S: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(token_S, inverse_S)
-        ctx.k = k
-        return x_TD.index_select(0, token_S)
+    def forward(ctx, x_TD: Tensor, rows: _Rows) -> Tensor:
+        ctx.rows = rows
+        return x_TD.index_select(0, rows.gather_N)
 
     @staticmethod
-    def backward(ctx, g_SD: Tensor):
-        token_S, inverse_S = ctx.saved_tensors
-        return _sum_slots(g_SD, token_S, inverse_S, ctx.k).to(g_SD.dtype), None, None, None
+    def backward(ctx, g_ND: Tensor):
+        return _sum_rows(g_ND, ctx.rows).to(g_ND.dtype), None
 
 
 class _UnpermuteSum(torch.autograd.Function):
-    """y_TD = Σ over each token's k rows of y_SD (fp32): the adjoint of `_Permute`."""
+    """y_TD = Σ of each token's rows of y_ND (fp32): the adjoint of `_Permute`."""
 
     @staticmethod
-    def forward(ctx, y_SD: Tensor, token_S: Tensor, inverse_S: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(token_S)
-        ctx.dtype = y_SD.dtype
-        return _sum_slots(y_SD, token_S, inverse_S, k)
+    def forward(ctx, y_ND: Tensor, rows: _Rows) -> Tensor:
+        ctx.rows, ctx.dtype = rows, y_ND.dtype
+        return _sum_rows(y_ND, rows)
 
     @staticmethod
     def backward(ctx, g_TD: Tensor):
-        (token_S,) = ctx.saved_tensors
-        return g_TD.index_select(0, token_S).to(ctx.dtype), None, None, None
+        return g_TD.index_select(0, ctx.rows.gather_N).to(ctx.dtype), None
+
+
+def _sorted_rows(routing: Routing) -> _Rows:
+    return _Rows(routing.token_S, routing.token_S, routing.num_tokens, False,
+                 routing.inverse_S, routing.k)  # fmt: skip
 
 
 def permute(x_TD: Tensor, routing: Routing) -> Tensor:
     """Rows of x gathered in expert order: [T, D] -> [S, D]."""
-    return _Permute.apply(x_TD, routing.token_S, routing.inverse_S, routing.k)
+    return _Permute.apply(x_TD, _sorted_rows(routing))
 
 
 def unpermute_sum(y_SD: Tensor, routing: Routing) -> Tensor:
     """Sorted expert outputs back to token order, summed over each token's k slots: [T, D] f32."""
-    return _UnpermuteSum.apply(y_SD, routing.token_S, routing.inverse_S, routing.k)
+    return _UnpermuteSum.apply(y_SD, _sorted_rows(routing))
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -164,16 +222,17 @@ def split_matmul(x_SD: Tensor, w_EDH: Tensor, counts: list[int]) -> Tensor:
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) · up [· scale] on a fused [N, 2H] projection, scale [N] applied in fp32.
 
-    Saves only the inputs (not silu(gate)), and the backward writes both halves of one buffer
-    instead of concatenating them as autograd would for `chunk` (the largest elementwise cost
-    of a SwiGLU layer on CPU).
+    Saves the input and silu(gate) (which the backward needs and would otherwise recompute),
+    and the backward writes both halves of one buffer instead of concatenating them as
+    autograd would for `chunk` (the largest elementwise cost of a SwiGLU layer on CPU).
     """
 
     @staticmethod
     def forward(ctx, gate_up: Tensor, scale_N: Tensor | None) -> Tensor:
-        ctx.save_for_backward(gate_up, scale_N)
         gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate) * up
+        silu = F.silu(gate)
+        ctx.save_for_backward(gate_up, silu, scale_N)
+        act = silu * up
         if scale_N is None:
             return act
         if _wide(act) is act:
@@ -182,15 +241,14 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        gate_up, scale_N = ctx.saved_tensors
+        gate_up, silu, scale_N = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
         H = gate.shape[-1]
-        silu = F.silu(gate)
         grad_scale = None
         if scale_N is not None:
             if ctx.needs_input_grad[1]:
                 act = _wide(silu * up)
-                grad_scale = torch.bmm(act.unsqueeze(1), _wide(g).unsqueeze(2)).view(-1)
+                grad_scale = torch.linalg.vecdot(act, _wide(g))  # Σ_h act·g per row
                 grad_scale = grad_scale.to(scale_N.dtype)
             g = (_wide(g) * scale_N.unsqueeze(-1)).to(gate_up.dtype)
         grad = torch.empty_like(gate_up)
@@ -263,6 +321,31 @@ class Experts(nn.Module):
         h = swiglu(split_matmul(x, w1, counts), scale_S)
         return split_matmul(h, w2, counts)
 
+    def padded_capacity(self, x_TD: Tensor, routing: Routing) -> int | None:
+        """Slots per expert for the padded batched-matmul path, or None to use `forward`.
+
+        CPU only: it reads the largest expert count on the host, which is free there (no device
+        to wait for) and lets every expert run in one `bmm` (one parallel region instead of one
+        per expert and product, which is what costs most when threads are preempted).
+        """
+        if self.backend not in ("auto", "padded") or x_TD.device.type != "cpu":
+            return None
+        rows, E = routing.order_S.numel(), self.num_experts
+        if rows == 0 or (self.backend == "auto" and rows < PAD_MIN_ROWS * E):
+            return None
+        capacity = int(routing.counts_E.max())
+        if self.backend == "auto" and E * capacity > PAD_MAX_WASTE * rows:
+            return None
+        return capacity
+
+    def forward_padded(self, x_PD: Tensor, scale_P: Tensor) -> Tensor:
+        """[E·C, D] rows in E blocks of C slots -> [E·C, D]; `scale_P` fp32, 0 at padding."""
+        x, w1, w2 = self._weights(x_PD)
+        E, P = self.num_experts, x.shape[0]
+        gate_up = torch.bmm(x.view(E, P // E, -1), w1).view(P, -1)
+        h = swiglu(gate_up, scale_P)
+        return torch.bmm(h.view(E, P // E, -1), w2).view(P, -1)
+
 
 def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: nn.Module) -> Tensor:
     """y_t = Σ_j gate[t, j] · expert[expert[t, j]](x_t), dropless and deterministic. [T, D].
@@ -272,8 +355,29 @@ def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: n
     outputs since the down projection is linear; the sum over k is in fp32 in a fixed order.
     """
     routing = sort_by_expert(expert_TK, experts.num_experts)
+    capacity = None
+    if isinstance(experts, Experts):
+        capacity = experts.padded_capacity(x_TD, routing)
+    if capacity is not None:
+        return _dispatch_padded(x_TD, gate_TK, experts, pad_routing(routing, capacity))
     gate_S = None
     if gate_TK is not None:
         gate_S = gate_TK.float().reshape(-1).index_select(0, routing.order_S)
     y_SD = experts(permute(x_TD, routing), routing.counts_E, gate_S)
     return unpermute_sum(y_SD, routing).to(x_TD.dtype)
+
+
+def _dispatch_padded(
+    x_TD: Tensor, gate_TK: Tensor | None, experts: Experts, padded: PaddedRouting
+) -> Tensor:
+    """`dispatch` through [E, C] slots: the same rows, summed in fp32 in the same order."""
+    T = x_TD.shape[0]
+    k = padded.slot_F.numel() // max(T, 1)
+    rows = _Rows(padded.gather_P, padded.scatter_P, T, True, padded.slot_F, k)
+    if gate_TK is None:
+        scale_P = (padded.scatter_P < T).float()
+    else:
+        gate = gate_TK.float().reshape(-1)
+        scale_P = torch.cat([gate, gate.new_zeros(1)]).index_select(0, padded.flat_P)
+    y_PD = experts.forward_padded(_Permute.apply(x_TD, rows), scale_P)
+    return _UnpermuteSum.apply(y_PD, rows).to(x_TD.dtype)

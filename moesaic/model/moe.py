@@ -142,7 +142,7 @@ class MoE(nn.Module):
             probs = scores_TE
             if self.score == "sigmoid":
                 probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-20)
-            prob_sum_E = (probs * valid_T.unsqueeze(1)).sum(0)
+            prob_sum_E = valid_T @ probs  # one matrix-vector product: [T] · [T, E]
             k = self.top_k
             counts_E = torch.zeros_like(prob_sum_E).index_add_(
                 0, expert_TK.reshape(-1), valid_T.repeat_interleave(k)
