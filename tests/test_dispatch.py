@@ -194,3 +194,99 @@ def test_swiglu_with_gate_scale_backward_matches_autograd():
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     s = torch.rand(5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(swiglu, (x, s))
+
+
+@pytest.mark.parametrize("skew", [False, True])
+@pytest.mark.parametrize("gated", [True, False])
+def test_padded_backend_equals_grouped_and_reference(skew, gated):
+    """Experts padded to a common capacity (one bmm): same values and gradients."""
+    T, E, k, D, H = 40, 6, 2, 16, 8
+    expert_TK, gate_TK = routing(T, E, k, 5, skew)
+    if not gated:
+        gate_TK = torch.ones_like(gate_TK)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(6))
+    padded = make(E, D, H, "padded")
+    from moesaic.model.dispatch import sort_by_expert as sort
+
+    capacity = padded.padded_capacity(x, sort(expert_TK, E))
+    assert capacity == int(torch.bincount(expert_TK.flatten(), minlength=E).max())
+    yp, gp = run(padded, x, expert_TK, gate_TK)
+    yg, gg = run(make(E, D, H, "grouped_mm"), x, expert_TK, gate_TK)
+    torch.testing.assert_close(yp, yg, atol=1e-6, rtol=1e-6)
+    for a, b in zip(gp, gg, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    ref = reference_moe(x, expert_TK, gate_TK, make(E, D, H, "split"))
+    torch.testing.assert_close(yp, ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_without_gates_matches_reference():
+    """No gates (the per-modality FFN): padding slots still contribute nothing."""
+    T, E, D, H = 30, 3, 16, 8
+    expert_TK = torch.tensor([0] * 20 + [2] * 10).unsqueeze(1)  # expert 1 empty, 0 overfull
+    x = torch.randn(T, D)
+    ex = make(E, D, H, "padded")
+    xr = x.clone().requires_grad_(True)
+    y = dispatch(xr, expert_TK, None, ex)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    ref_ex = make(E, D, H, "split")
+    xs = x.clone().requires_grad_(True)
+    ref = reference_moe(xs, expert_TK, torch.ones(T, 1), ref_ex)
+    (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum().backward()
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xr.grad, xs.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ex.w_gate_up_EDH.grad, ref_ex.w_gate_up_EDH.grad, atol=1e-5, rtol=1e-5
+    )
+    assert ex.w_gate_up_EDH.grad[1].abs().sum() == 0
+
+
+def test_auto_pads_only_multithreaded_balanced_and_large_enough():
+    E, D, H, k = 4, 16, 8, 2
+    ex = make(E, D, H, "auto")
+    balanced = torch.arange(200 * k).remainder(E).view(200, k)  # 100 rows per expert
+    skewed = torch.tensor([[0, 1]] * 150 + [[1, 2]] * 50)  # counts 150, 200, 50, 0
+    small = balanced[:8]
+    x = torch.randn(200, D)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert ex.padded_capacity(x, sort_by_expert(balanced, E)) is None
+        torch.set_num_threads(2)
+        assert ex.padded_capacity(x, sort_by_expert(balanced, E)) == 100
+        assert ex.padded_capacity(x, sort_by_expert(skewed, E)) is None  # 2x padding
+        assert ex.padded_capacity(x[:8], sort_by_expert(small, E)) is None  # 4 rows/expert
+        assert make(E, D, H, "grouped_mm").padded_capacity(x, sort_by_expert(balanced, E)) is None
+        y2, g2 = run(
+            ex, x, balanced, torch.rand(200, k, generator=torch.Generator().manual_seed(1))
+        )
+    finally:
+        torch.set_num_threads(threads)
+    y1, g1 = run(ex, x, balanced, torch.rand(200, k, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(y2, y1, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g2, g1, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    T=st.integers(1, 33),
+    E=st.integers(1, 9),
+    k_frac=st.floats(0.0, 1.0),
+    skew=st.floats(0.0, 8.0),
+    seed=st.integers(0, 2**16),
+)
+def test_padded_dispatch_property(T, E, k_frac, skew, seed):
+    """Random sizes and skewed routing: the padded path equals the reference, values and grads."""
+    k = 1 + int(k_frac * (E - 1))
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    logits[:, 0] += skew
+    expert_TK = logits.topk(k, dim=-1).indices
+    gate_TK = torch.rand(T, k, generator=g)
+    D, H = 8, 4
+    x = torch.randn(T, D, generator=g)
+    yp, gp = run(make(E, D, H, "padded", seed), x, expert_TK, gate_TK)
+    ys, gs = run(make(E, D, H, "split", seed), x, expert_TK, gate_TK)
+    torch.testing.assert_close(yp, ys, atol=1e-6, rtol=1e-6)
+    for a, b in zip(gp, gs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

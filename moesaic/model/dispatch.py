@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from moesaic.errors import ConfigError
 
 BACKENDS = ("auto", "grouped_mm", "split", "padded")
-# `auto` on CPU pads experts to a common capacity and runs one batched matmul when that adds at
-# most PAD_MAX_WASTE − 1 padding rows and experts get PAD_MIN_ROWS rows on average (below that
-# the largest count is far above the mean and padding wastes more than it saves).
+# `auto` on a multi-threaded CPU pads experts to a common capacity and runs one batched matmul
+# when that adds at most PAD_MAX_WASTE − 1 padding rows and experts get PAD_MIN_ROWS rows on
+# average (below that the largest count is far above the mean and padding wastes more than it
+# saves). On one thread there is no fork/join to save and grouped matmul wastes nothing.
 PAD_MAX_WASTE = 1.25
 PAD_MIN_ROWS = 16
 
@@ -331,10 +332,13 @@ class Experts(nn.Module):
         if self.backend not in ("auto", "padded") or x_TD.device.type != "cpu":
             return None
         rows, E = routing.order_S.numel(), self.num_experts
-        if rows == 0 or (self.backend == "auto" and rows < PAD_MIN_ROWS * E):
+        if rows == 0:
+            return None
+        auto = self.backend == "auto"
+        if auto and (torch.get_num_threads() == 1 or rows < PAD_MIN_ROWS * E):
             return None
         capacity = int(routing.counts_E.max())
-        if self.backend == "auto" and E * capacity > PAD_MAX_WASTE * rows:
+        if auto and E * capacity > PAD_MAX_WASTE * rows:
             return None
         return capacity
 
