@@ -259,3 +259,25 @@ def test_run_parallel_collects_results_and_propagates_errors():
     assert got == {1.0: 1.0, 4.0: 2.0, 9.0: 3.0}
     with pytest.raises(ValueError, match="math domain error"):
         run_parallel(math.sqrt, [4.0, -1.0], 2, lambda item, r: None)
+
+
+def test_joint_steps_are_the_fewest_that_cover_the_unimodal_tokens(tmp_path):
+    """Checked with each seed's own tokenizer (the one its runs train with)."""
+    from moesaic.data import build_stream
+    from moesaic.experiments.compete import plan_data, tokenizer_for
+
+    study = load_study(None, "smoke", ["study.seeds=2", "study.first_seed=1"])
+    plan = plan_data(study, tmp_path, lambda m: None)
+    for spec in plan_runs(study, plan):
+        if spec.variant != "joint" or spec.arm != "dense":
+            continue
+        cfg = run_config(study, spec, tmp_path)
+        seed_plan = plan[str(spec.seed)]
+        target = sum(sum(seed_plan[v]["produced"].values()) for v in ("text", "image"))
+        stream = build_stream(cfg.data, tokenizer_for(cfg))
+        for _ in range(cfg.train.steps - 1):
+            next(stream)
+        assert sum(stream.produced.values()) < target
+        next(stream)
+        assert sum(stream.produced.values()) >= target
+    assert json.loads((tmp_path / "data-plan.json").read_text()).keys() == {"1", "2"}

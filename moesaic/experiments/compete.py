@@ -121,7 +121,18 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def plan_data(study: StudyConfig, study_dir: Path, tok: Any, log: Callable) -> dict[str, Any]:
+def tokenizer_for(cfg: Config) -> Any:
+    """The tokenizer a run of `cfg` trains with (it depends on data.seed, so on the seed)."""
+    from moesaic.data import load_tokenizer
+    from moesaic.train.runtime import cache_dir
+
+    return load_tokenizer(cfg.data, cache_dir())
+
+
+PLAN_VERSION = 2
+
+
+def plan_data(study: StudyConfig, study_dir: Path, log: Callable) -> dict[str, Any]:
     """Per seed: tokens per kind of the unimodal streams → the joint mix and step count.
 
     The joint mix is the unimodal runs' document tokens per kind; its steps are the fewest
@@ -134,9 +145,10 @@ def plan_data(study: StudyConfig, study_dir: Path, tok: Any, log: Callable) -> d
     for seed in seeds_of(study):
         old = cached.get(str(seed), {})
         per = {}
+        tok = tokenizer_for(base_config(study, variant_overrides(study, "text", seed)))
         for variant in ("text", "image"):
             cfg = base_config(study, variant_overrides(study, variant, seed))
-            key = _key(cfg.data.__dict__, cfg.train.steps, cfg.train.grad_accum)
+            key = _key(PLAN_VERSION, cfg.data.__dict__, cfg.train.steps, cfg.train.grad_accum)
             if old.get(variant, {}).get("key") == key:
                 per[variant] = old[variant]
                 continue
@@ -145,7 +157,7 @@ def plan_data(study: StudyConfig, study_dir: Path, tok: Any, log: Callable) -> d
         produced = {**per["text"]["produced"], **per["image"]["produced"]}
         joint = {"mix": {k: float(v) for k, v in sorted(produced.items())}}
         cfg = base_config(study, variant_overrides(study, "joint", seed, {**joint, "steps": 1}))
-        key = _key(cfg.data.__dict__, cfg.train.grad_accum)
+        key = _key(PLAN_VERSION, cfg.data.__dict__, cfg.train.grad_accum)
         if old.get("joint", {}).get("key") == key:
             joint = old["joint"]
         else:
@@ -200,11 +212,12 @@ def _check_same_run(cfg: Config, run_dir: Path, vocab_size: int) -> None:
         )
 
 
-def ensure_run(cfg: Config, run_dir: Path, vocab_size: int) -> tuple[dict[str, Any], str]:
+def ensure_run(cfg: Config, run_dir: Path) -> tuple[dict[str, Any], str]:
     """Train (or resume, or reuse) one run; returns (summary.json content, what happened)."""
     from moesaic.train import checkpoint as ckpt
     from moesaic.train.loop import Trainer
 
+    vocab_size = tokenizer_for(cfg).vocab_size
     summary_path = run_dir / "summary.json"
     if (run_dir / "config.yaml").is_file():
         _check_same_run(cfg, run_dir, vocab_size)
@@ -298,43 +311,39 @@ def run_study(
     study: StudyConfig, out: str | Path, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Train every missing run, evaluate, analyse, write summary.json and report.html."""
-    from moesaic.data import load_tokenizer
     from moesaic.experiments.summary import build_summary, write_outputs
-    from moesaic.train.runtime import cache_dir
 
     study_dir = Path(out) / study.name
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(study_dir / "study.json", json.dumps(dataclasses.asdict(study), indent=1))
-    probe = base_config(study)
-    tok = load_tokenizer(probe.data, cache_dir())
-    data_plan = plan_data(study, study_dir, tok, log)
+    data_plan = plan_data(study, study_dir, log)
     specs = plan_runs(study, data_plan)
-    summaries, tasks = train_all(study, study_dir, specs, tok.vocab_size, log)
+    summaries, tasks = train_all(study, study_dir, specs, log)
     analyses: dict[str, dict[str, Any]] = {}
     if study.analyze:
         analyses = analyze_joint_runs(study, study_dir, log)
     return write_outputs(
-        build_summary(study, study_dir, specs, summaries, tasks, analyses, data_plan, tok),
+        build_summary(study, study_dir, specs, summaries, tasks, analyses, data_plan),
         study_dir,
         analyses,
     )
 
 
 def _run_one(
-    study: StudyConfig, study_dir: Path, vocab_size: int, spec: RunSpec
+    study: StudyConfig, study_dir: Path, spec: RunSpec
 ) -> tuple[dict[str, Any], dict[str, float], str, float]:
     """Train / resume / reuse one run and its task metrics (also a worker-process entry)."""
     t0 = time.perf_counter()
     run_dir = spec.run_dir(study_dir)
     cfg = run_config(study, spec, study_dir)
-    summary, how = ensure_run(cfg, run_dir, vocab_size)
+    summary, how = ensure_run(cfg, run_dir)
     finished = summary.get("status") == "finished"
     tasks = task_metrics(run_dir, spec.variant, study.tasks and finished, study.task_examples)
     return summary, tasks, how, time.perf_counter() - t0
 
 
 def train_all(
-    study: StudyConfig, study_dir: Path, specs: list[RunSpec], vocab_size: int, log: Callable
+    study: StudyConfig, study_dir: Path, specs: list[RunSpec], log: Callable
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
     """Every run, `study.jobs` at a time (runs are independent: the joint mix is planned)."""
     summaries: dict[str, dict[str, Any]] = {}
@@ -359,16 +368,14 @@ def train_all(
 
     if study.jobs <= 1:
         for spec in specs:
-            record(spec, _run_one(study, study_dir, vocab_size, spec))
+            record(spec, _run_one(study, study_dir, spec))
         return summaries, tasks
     import functools
 
     from moesaic.experiments.workers import run_parallel
 
     try:
-        run_parallel(
-            functools.partial(_run_one, study, study_dir, vocab_size), specs, study.jobs, record
-        )
+        run_parallel(functools.partial(_run_one, study, study_dir), specs, study.jobs, record)
     except KeyboardInterrupt:
         raise StudyInterrupted(
             "study interrupted (running runs saved a checkpoint); run the same command "

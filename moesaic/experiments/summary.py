@@ -91,16 +91,17 @@ def _results(specs, summaries, tasks) -> dict[str, dict[str, dict[str, list]]]:
     return out
 
 
-def _caption_shift(study, tok) -> dict[str, Any]:
+def _caption_shift(study) -> dict[str, Any]:
+    """Caption shift of the study's data, with the first seed's tokenizer."""
     from moesaic.data import measure_caption_shift
-    from moesaic.experiments.compete import base_config
+    from moesaic.experiments.compete import base_config, tokenizer_for, variant_overrides
 
-    cfg = base_config(study)
-    shift = measure_caption_shift(cfg.data, tok)
+    cfg = base_config(study, variant_overrides(study, "text", study.first_seed))
+    shift = measure_caption_shift(cfg.data, tokenizer_for(cfg))
     return {**shift, "register": cfg.data.caption_register}
 
 
-def build_summary(study, study_dir, specs, summaries, tasks, analyses, data_plan, tok) -> dict:
+def build_summary(study, study_dir, specs, summaries, tasks, analyses, data_plan) -> dict:
     seeds = seeds_of(study)
     task_names = sorted({k for t in tasks.values() for k in t})
     metrics = [*LOSS_METRICS, *(task_spec(n) for n in task_names)]
@@ -159,7 +160,7 @@ def build_summary(study, study_dir, specs, summaries, tasks, analyses, data_plan
                 "coverage": {
                     str(s): joint_coverage(study_dir, data_plan, s, study.arms[0]) for s in seeds
                 },
-                "caption_shift": _caption_shift(study, tok),
+                "caption_shift": _caption_shift(study),
             },
             "arms": arms,
             "least_tax": {m.key: least_tax(table, m.key) for m in metrics if m.modality},
