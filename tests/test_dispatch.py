@@ -240,7 +240,7 @@ def test_padded_without_gates_matches_reference():
     assert ex.w_gate_up_EDH.grad[1].abs().sum() == 0
 
 
-def test_auto_pads_only_multithreaded_balanced_and_large_enough():
+def test_auto_pads_only_multithreaded_balanced_and_large_enough(monkeypatch):
     E, D, H, k = 4, 16, 8, 2
     ex = make(E, D, H, "auto")
     balanced = torch.arange(200 * k).remainder(E).view(200, k)  # 100 rows per expert
@@ -248,6 +248,8 @@ def test_auto_pads_only_multithreaded_balanced_and_large_enough():
     small = balanced[:8]
     x = torch.randn(200, D)
     threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     try:
         torch.set_num_threads(1)
         assert ex.padded_capacity(x, sort_by_expert(balanced, E)) is None
@@ -256,6 +258,9 @@ def test_auto_pads_only_multithreaded_balanced_and_large_enough():
         assert ex.padded_capacity(x, sort_by_expert(skewed, E)) is None  # 2x padding
         assert ex.padded_capacity(x[:8], sort_by_expert(small, E)) is None  # 4 rows/expert
         assert make(E, D, H, "grouped_mm").padded_capacity(x, sort_by_expert(balanced, E)) is None
+        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # cheap parallel regions: no padding
+        assert ex.padded_capacity(x, sort_by_expert(balanced, E)) is None
+        monkeypatch.delenv("OMP_WAIT_POLICY")
         y2, g2 = run(
             ex, x, balanced, torch.rand(200, k, generator=torch.Generator().manual_seed(1))
         )

@@ -16,6 +16,7 @@ run the local experts, exchange back) without touching the router or the model.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +25,21 @@ from torch import Tensor, nn
 from moesaic.errors import ConfigError
 
 BACKENDS = ("auto", "grouped_mm", "split", "padded")
-# `auto` on a multi-threaded CPU pads experts to a common capacity and runs one batched matmul
-# when that adds at most PAD_MAX_WASTE − 1 padding rows and experts get PAD_MIN_ROWS rows on
-# average (below that the largest count is far above the mean and padding wastes more than it
-# saves). On one thread there is no fork/join to save and grouped matmul wastes nothing.
+# `auto` on a multi-threaded CPU whose OpenMP threads busy-wait (the default policy) pads the
+# experts to a common capacity and runs one batched matmul per product, when that adds at most
+# PAD_MAX_WASTE − 1 padding rows and experts get PAD_MIN_ROWS rows on average (below that the
+# largest count is far above the mean). Grouped matmul opens one parallel region per expert and
+# product; when the cores are shared and a busy-waiting worker is preempted, each region can
+# cost a scheduler time slice, and fewer, larger regions win by far. With one thread, or with
+# OMP_WAIT_POLICY=passive, regions are cheap and grouped matmul (no padding) is faster.
 PAD_MAX_WASTE = 1.25
 PAD_MIN_ROWS = 16
+
+
+def _openmp_busy_waits() -> bool:
+    """Whether OpenMP worker threads spin between parallel regions (libgomp's default)."""
+    passive = os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive"
+    return not passive and os.environ.get("GOMP_SPINCOUNT", "") != "0"
 
 
 @dataclasses.dataclass
@@ -326,8 +336,9 @@ class Experts(nn.Module):
         """Slots per expert for the padded batched-matmul path, or None to use `forward`.
 
         CPU only: it reads the largest expert count on the host, which is free there (no device
-        to wait for) and lets every expert run in one `bmm` (one parallel region instead of one
-        per expert and product, which is what costs most when threads are preempted).
+        to wait for), and lets every expert run in one `bmm` (one parallel region instead of one
+        per expert and product, which is what costs most when busy-waiting threads are
+        preempted). See PAD_MAX_WASTE for when `auto` takes it.
         """
         if self.backend not in ("auto", "padded") or x_TD.device.type != "cpu":
             return None
@@ -335,7 +346,9 @@ class Experts(nn.Module):
         if rows == 0:
             return None
         auto = self.backend == "auto"
-        if auto and (torch.get_num_threads() == 1 or rows < PAD_MIN_ROWS * E):
+        if auto and (torch.get_num_threads() == 1 or not _openmp_busy_waits()):
+            return None
+        if auto and rows < PAD_MIN_ROWS * E:
             return None
         capacity = int(routing.counts_E.max())
         if auto and E * capacity > PAD_MAX_WASTE * rows:
