@@ -28,8 +28,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from moesaic.bench import moe_peers as peers
+from moesaic.bench import openmp
 from moesaic.config import FFNConfig
 from moesaic.errors import ConfigError
 from moesaic.model.ffn import DenseFFN, TokenMeta
@@ -92,13 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="coarse and fine at 512 tokens, dense/moesaic/HF only, 3 rounds (< 1 minute)",
     )
-    parser.add_argument(
-        "--omp-wait-policy",
-        choices=("passive", "active", "inherit"),
-        default="passive",
-        help="OpenMP wait policy the timings run under (in a child process when it differs "
-        "from this one's); inherit: this process as it is",
-    )
+    openmp.add_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
 
@@ -320,29 +313,10 @@ def moesaic_path(moe: MoE, x_TD: Tensor, meta: TokenMeta) -> str:
         return "grouped_mm" if moe.experts.use_grouped_mm(x_TD) else "split"
 
 
-def _rerun_with_wait_policy(policy: str) -> int:
-    """Run this benchmark again in a child process with OMP_WAIT_POLICY=policy.
-
-    OpenMP reads the policy once, when torch loads it, so it cannot change in this process.
-    With the default (busy-waiting) policy on a machine whose cores are shared with other
-    jobs, every parallel region can cost a scheduler time slice (milliseconds) whenever a
-    worker thread is preempted, and the figures measure the scheduler rather than the layers.
-    """
-    argv = [a for a in sys.argv[1:] if not a.startswith("--omp-wait-policy")]
-    if "--omp-wait-policy" in sys.argv:  # the value was a separate argument: drop it too
-        i = sys.argv.index("--omp-wait-policy")
-        argv = sys.argv[1:i] + sys.argv[i + 2 :]
-    cmd = [sys.executable, "-m", "moesaic", *argv, "--omp-wait-policy", "inherit"]
-    env = {**os.environ, "OMP_WAIT_POLICY": policy.upper()}
-    print(f"(timing with OMP_WAIT_POLICY={policy.upper()} in a child process)", flush=True)
-    return subprocess.run(cmd, env=env, check=False).returncode
-
-
 def run(args: argparse.Namespace) -> int:
-    policy = args.omp_wait_policy
-    from_cli = sys.argv[1:3] == ["bench", "moe"]
-    if from_cli and policy != "inherit" and os.environ.get("OMP_WAIT_POLICY", "").lower() != policy:
-        return _rerun_with_wait_policy(policy)
+    code = openmp.rerun_if_needed("moe", args.omp_wait_policy)
+    if code is not None:
+        return code
     if args.rounds <= 0:
         args.rounds = 3 if args.quick else 15
     if args.max_seconds <= 0:
@@ -365,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
     shapes = [SHAPES[s] for s in shape_names]
     if args.quick:
         shapes = [dataclasses.replace(s, tokens=QUICK_TOKENS) for s in shapes if s.name != "large"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+          f"{openmp.current()}, {str(dtype).removeprefix('torch.')} on {device}\n")  # fmt: skip
     rows, parity = [], {}
     for shape in shapes:
         shape_rows, parity[shape.name] = run_shape(shape, args, device, dtype)
@@ -379,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "omp_wait_policy": openmp.current(),
         "quick": bool(args.quick),
         "rounds": args.rounds,
         "parity": parity,

@@ -7,6 +7,8 @@ is the median over rounds. Model FLOP utilisation is the model's FLOPs per secon
 (`flops_per_token · tokens/s`, 6·N_active + attention) over the measured throughput of a large
 fp32 (bf16 on CUDA) matmul in the same process. Peak memory is CUDA's max allocated bytes, or on
 CPU the peak resident size of a separate process that builds and trains the same config.
+On CPU the timings run with OMP_WAIT_POLICY=passive by default (`openmp.py`: busy-waiting
+workers on shared cores make each parallel region cost a time slice).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from moesaic.bench import openmp
 from moesaic.config import load_config
 
 VARIANTS = ("dense", "moe")
@@ -38,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    openmp.add_argument(parser)
     parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
 
 
@@ -118,6 +122,9 @@ def _memory_child(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.memory_child:
         return _memory_child(args)
+    code = openmp.rerun_if_needed("train", args.omp_wait_policy)
+    if code is not None:
+        return code
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for size in [s.strip() for s in args.presets.split(",") if s.strip()]:
@@ -155,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "device": str(device),
             "threads": torch.get_num_threads(),
+            "omp_wait_policy": openmp.current(),
             "torch": torch.__version__,
             "rows": rows,
         }
