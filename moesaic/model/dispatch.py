@@ -233,34 +233,35 @@ def split_matmul(x_SD: Tensor, w_EDH: Tensor, counts: list[int]) -> Tensor:
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) · up [· scale] on a fused [N, 2H] projection, scale [N] applied in fp32.
 
-    Saves the input and silu(gate) (which the backward needs and would otherwise recompute),
-    and the backward writes both halves of one buffer instead of concatenating them as
-    autograd would for `chunk` (the largest elementwise cost of a SwiGLU layer on CPU).
+    Saves the input, silu(gate) and (with a scale) the unscaled product, which the backward
+    needs and would otherwise recompute, and the backward writes both halves of one buffer
+    instead of concatenating them as autograd would for `chunk` (the largest elementwise cost
+    of a SwiGLU layer on CPU).
     """
 
     @staticmethod
     def forward(ctx, gate_up: Tensor, scale_N: Tensor | None) -> Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         silu = F.silu(gate)
-        ctx.save_for_backward(gate_up, silu, scale_N)
         act = silu * up
         if scale_N is None:
+            ctx.save_for_backward(gate_up, silu, None, None)
             return act
+        ctx.save_for_backward(gate_up, silu, scale_N, act if ctx.needs_input_grad[1] else None)
+        scale = scale_N.unsqueeze(-1)
         if _wide(act) is act:
-            return act.mul_(scale_N.unsqueeze(-1).to(act.dtype))
-        return (act.float() * scale_N.unsqueeze(-1)).to(act.dtype)
+            return act * scale.to(act.dtype)
+        return (act.float() * scale).to(act.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        gate_up, silu, scale_N = ctx.saved_tensors
+        gate_up, silu, scale_N, act = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
         H = gate.shape[-1]
         grad_scale = None
         if scale_N is not None:
-            if ctx.needs_input_grad[1]:
-                act = _wide(silu * up)
-                grad_scale = torch.linalg.vecdot(act, _wide(g))  # Σ_h act·g per row
-                grad_scale = grad_scale.to(scale_N.dtype)
+            if act is not None:
+                grad_scale = torch.linalg.vecdot(_wide(act), _wide(g)).to(scale_N.dtype)
             g = (_wide(g) * scale_N.unsqueeze(-1)).to(gate_up.dtype)
         grad = torch.empty_like(gate_up)
         torch.mul(g, silu, out=grad[..., H:])
