@@ -214,7 +214,7 @@ def _check_same_run(cfg: Config, run_dir: Path, vocab_size: int) -> None:
 
 def ensure_run(cfg: Config, run_dir: Path) -> tuple[dict[str, Any], str]:
     """Train (or resume, or reuse) one run; returns (summary.json content, what happened)."""
-    from moesaic.train import checkpoint as ckpt
+    from moesaic.train.dist_checkpoint import latest_any_checkpoint
     from moesaic.train.loop import Trainer
 
     vocab_size = tokenizer_for(cfg).vocab_size
@@ -226,7 +226,7 @@ def ensure_run(cfg: Config, run_dir: Path) -> tuple[dict[str, Any], str]:
             if done.get("status") == "finished" and done.get("step") == cfg.train.steps:
                 return done, "reused"
         try:
-            found, _ = ckpt.latest_checkpoint(run_dir / "checkpoints", fingerprint(cfg, vocab_size))
+            found, _ = latest_any_checkpoint(run_dir / "checkpoints", fingerprint(cfg, vocab_size))
         except CheckpointError:
             raise CheckpointError(
                 f"the checkpoint of unfinished run '{run_dir}' was written by a different "
@@ -245,9 +245,9 @@ def ensure_run(cfg: Config, run_dir: Path) -> tuple[dict[str, Any], str]:
 
 def joint_coverage(study_dir: Path, data_plan: dict, seed: int, arm: str) -> dict | None:
     """Document tokens per kind the joint run actually consumed ÷ the unimodal runs'."""
-    from moesaic.train import checkpoint as ckpt
+    from moesaic.train.dist_checkpoint import latest_any_checkpoint
 
-    found, _ = ckpt.latest_checkpoint(study_dir / "runs" / f"{arm}-joint-s{seed}" / "checkpoints")
+    found, _ = latest_any_checkpoint(study_dir / "runs" / f"{arm}-joint-s{seed}" / "checkpoints")
     if found is None:
         return None
     seen = found.state["data"]["produced"]
