@@ -83,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budget",
         type=float,
-        default=60.0,
-        help="seconds per implementation and shape; past it, at least 3 rounds are kept",
+        default=300.0,
+        help="seconds of timed rounds per shape; rounds stop once it is spent (at least 3)",
     )
     parser.add_argument(
         "--quick",
@@ -211,7 +211,8 @@ def time_impls(
     """Wall and CPU seconds per call over interleaved rounds; skipped implementations.
 
     Each round times every implementation once, starting one further along the list each
-    round. An implementation that has used up `--budget` seconds keeps at least 3 rounds.
+    round; rounds stop after `--rounds`, or once `--budget` seconds are spent (at least 3), so
+    every implementation is timed in the same rounds.
     """
     skipped: dict[str, str] = {}
     for name, step in list(steps.items()):
@@ -230,16 +231,18 @@ def time_impls(
     wall: dict[str, list[float]] = {n: [] for n in steps}
     cpu: dict[str, list[float]] = {n: [] for n in steps}
     names = list(steps)
+    spent = 0.0
     for r in range(args.rounds):
+        if r >= 3 and spent > args.budget:
+            break
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            if len(wall[name]) >= 3 and sum(wall[name]) > args.budget:
-                continue
             _sync(device)
             c0, t0 = time.process_time(), time.perf_counter()
             steps[name]()
             _sync(device)
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+            spent += wall[name][-1]
     return wall, cpu, skipped
 
 
