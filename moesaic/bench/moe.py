@@ -41,6 +41,7 @@ from moesaic.config import FFNConfig
 from moesaic.errors import ConfigError
 from moesaic.model.ffn import DenseFFN, TokenMeta
 from moesaic.model.moe import MoE
+from moesaic.train.malloc import retain_freed_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +336,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    retained = device.type == "cpu" and retain_freed_memory()
     shape_names = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for s in shape_names:
         if s not in SHAPES:
@@ -343,7 +345,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         shapes = [dataclasses.replace(s, tokens=QUICK_TOKENS) for s in shapes if s.name != "large"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-          f"{openmp.current()}, {str(dtype).removeprefix('torch.')} on {device}\n")  # fmt: skip
+          f"{openmp.current()}, {str(dtype).removeprefix('torch.')} on {device}"
+          f"{', freed memory retained' if retained else ''}\n")  # fmt: skip
     rows, parity = [], {}
     for shape in shapes:
         shape_rows, parity[shape.name] = run_shape(shape, args, device, dtype)
@@ -359,6 +362,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": openmp.current(),
+        "malloc_retains_freed": retained,
         "quick": bool(args.quick),
         "rounds": args.rounds,
         "parity": parity,

@@ -28,6 +28,7 @@ import torch
 
 from moesaic.bench import openmp
 from moesaic.config import load_config
+from moesaic.train import malloc
 
 VARIANTS = ("dense", "moe")
 
@@ -163,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
             "device": str(device),
             "threads": torch.get_num_threads(),
             "omp_wait_policy": openmp.current(),
+            "malloc_retains_freed": malloc.retain_freed_memory() if device.type == "cpu" else False,
             "torch": torch.__version__,
             "rows": rows,
         }

@@ -34,6 +34,7 @@ from moesaic.model.moe import update_router_biases
 from moesaic.train import checkpoint as ckpt
 from moesaic.train import dist_checkpoint as dckpt
 from moesaic.train import distributed
+from moesaic.train.malloc import retain_freed_memory
 from moesaic.train.metrics import MetricsLog
 from moesaic.train.optim import (
     build_optimizer,
@@ -136,6 +137,8 @@ class Trainer:
         self.device = distributed.rank_device(
             resolve_device(cfg.train.device), distributed.env_world()
         )
+        if self.device.type == "cpu":
+            retain_freed_memory()
         self.owns_process_group = not torch.distributed.is_initialized()
         self.world = distributed.init_distributed(cfg.dist.timeout_s, cfg.dist.backend, self.device)
         self.owns_process_group &= self.world.distributed
