@@ -33,13 +33,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def _fused_supported(model: nn.Module) -> bool:
+    """The fused AdamW kernel (several times faster than `foreach` on CPU) takes plain float
+    tensors on CPU or CUDA; sharded (DTensor) parameters keep the `foreach` implementation."""
+    for p in model.parameters():
+        if type(p.data) is not torch.Tensor or p.device.type not in ("cpu", "cuda"):
+            return False
+        if not p.is_floating_point():
+            return False
+    return True
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    fused = _fused_supported(model)
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=1e-8,
-        foreach=True,
+        fused=fused or None,
+        foreach=None if fused else True,
     )
 
 
