@@ -240,7 +240,7 @@ def test_padded_without_gates_matches_reference():
     assert ex.w_gate_up_EDH.grad[1].abs().sum() == 0
 
 
-def test_auto_pads_only_multithreaded_balanced_and_large_enough(monkeypatch):
+def test_auto_pads_only_multithreaded_balanced_and_small_experts(monkeypatch):
     E, D, H, k = 4, 16, 8, 2
     ex = make(E, D, H, "auto")
     balanced = torch.arange(200 * k).remainder(E).view(200, k)  # 100 rows per expert
@@ -258,8 +258,10 @@ def test_auto_pads_only_multithreaded_balanced_and_large_enough(monkeypatch):
         assert ex.padded_capacity(x, sort_by_expert(skewed, E)) is None  # 2x padding
         assert ex.padded_capacity(x[:8], sort_by_expert(small, E)) is None  # 4 rows/expert
         assert make(E, D, H, "grouped_mm").padded_capacity(x, sort_by_expert(balanced, E)) is None
-        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # cheap parallel regions: no padding
-        assert ex.padded_capacity(x, sort_by_expert(balanced, E)) is None
+        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # cheap parallel regions:
+        assert ex.padded_capacity(x, sort_by_expert(balanced, E)) == 100  # small experts pad
+        many = torch.arange(1000 * k).remainder(E).view(1000, k)  # 500 rows per expert
+        assert ex.padded_capacity(x, sort_by_expert(many, E)) is None  # large ones do not
         monkeypatch.delenv("OMP_WAIT_POLICY")
         y2, g2 = run(
             ex, x, balanced, torch.rand(200, k, generator=torch.Generator().manual_seed(1))

@@ -25,14 +25,20 @@ from torch import Tensor, nn
 from moesaic.errors import ConfigError
 
 BACKENDS = ("auto", "grouped_mm", "split", "padded")
-# `auto` on a multi-threaded CPU whose OpenMP threads busy-wait (the default policy) pads the
-# experts to a common capacity and runs one batched matmul per product, when that adds at most
-# PAD_MAX_WASTE − 1 padding rows and experts get PAD_MIN_ROWS rows on average (below that the
-# largest count is far above the mean). Grouped matmul opens one parallel region per expert and
-# product; when the cores are shared and a busy-waiting worker is preempted, each region can
-# cost a scheduler time slice, and fewer, larger regions win by far. With one thread, or with
-# OMP_WAIT_POLICY=passive, regions are cheap and grouped matmul (no padding) is faster.
+# `auto` on a multi-threaded CPU pads the experts to a common capacity and runs one batched
+# matmul per product (`torch.bmm`, which hands the experts to the threads whole) instead of
+# grouped matmul (one matmul per expert, each split across the threads), when that adds at most
+# PAD_MAX_WASTE − 1 padding rows, experts get PAD_MIN_ROWS rows on average (below that the
+# largest count is far above the mean), and either
+# * experts get at most PAD_MAX_MEAN_ROWS rows on average: such small per-expert matmuls gain
+#   little from splitting across threads, and batching them wins (fine-grained experts), or
+# * OpenMP threads busy-wait (libgomp's default policy): grouped matmul opens one parallel
+#   region per expert and product, and when the cores are shared and a spinning worker is
+#   preempted each region can cost a scheduler time slice; fewer, larger regions win by far.
+# Otherwise grouped matmul (no padding) is faster. The thresholds come from `moesaic bench moe`
+# on a 2-core CPU: padded is faster at 256 rows per expert, equal at 512, slower at 2048.
 PAD_MAX_WASTE = 1.25
+PAD_MAX_MEAN_ROWS = 384
 PAD_MIN_ROWS = 16
 
 
@@ -337,9 +343,8 @@ class Experts(nn.Module):
         """Slots per expert for the padded batched-matmul path, or None to use `forward`.
 
         CPU only: it reads the largest expert count on the host, which is free there (no device
-        to wait for), and lets every expert run in one `bmm` (one parallel region instead of one
-        per expert and product, which is what costs most when busy-waiting threads are
-        preempted). See PAD_MAX_WASTE for when `auto` takes it.
+        to wait for), and lets every expert run in one `bmm` per product. See PAD_MAX_WASTE for
+        when `auto` takes it.
         """
         if self.backend not in ("auto", "padded") or x_TD.device.type != "cpu":
             return None
@@ -347,9 +352,11 @@ class Experts(nn.Module):
         if rows == 0:
             return None
         auto = self.backend == "auto"
-        if auto and (torch.get_num_threads() == 1 or not _openmp_busy_waits()):
+        if auto and torch.get_num_threads() == 1:
             return None
         if auto and rows < PAD_MIN_ROWS * E:
+            return None
+        if auto and rows > PAD_MAX_MEAN_ROWS * E and not _openmp_busy_waits():
             return None
         capacity = int(routing.counts_E.max())
         if auto and E * capacity > PAD_MAX_WASTE * rows:
