@@ -106,3 +106,11 @@ def test_every_preset_loads():
     assert {"tiny", "small", "tiny-moe", "tiny-modality", "tiny-dense"} <= set(names)
     for name in names:
         assert load_config(name).name == name
+
+
+def test_dispatch_choices():
+    for backend in ("auto", "grouped_mm", "padded", "split"):
+        cfg = load_config(None, ["model.ffn.kind=moe", f"model.ffn.dispatch={backend}"])
+        assert cfg.model.ffn.dispatch == backend
+    with pytest.raises(ConfigError, match="dispatch='bmm' is not one of"):
+        load_config(None, ["model.ffn.kind=moe", "model.ffn.dispatch=bmm"])

@@ -205,3 +205,14 @@ def test_info_reports_sizes(capsys):
     active = int(out.split("params active")[1].split()[0].replace(",", ""))
     assert total > active > 0
     assert not math.isnan(total)
+
+
+def test_adamw_is_fused_for_plain_tensors_and_foreach_otherwise():
+    from moesaic.train.optim import build_optimizer
+
+    cfg = load_config(None, MICRO)
+    model = torch.nn.Linear(4, 4)
+    assert build_optimizer(model, cfg.train).defaults["fused"]
+    meta = torch.nn.Linear(4, 4, device="meta")  # a device fused AdamW does not run on
+    opt = build_optimizer(meta, cfg.train)
+    assert not opt.defaults["fused"] and opt.defaults["foreach"]
