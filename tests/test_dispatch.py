@@ -260,8 +260,8 @@ def test_auto_pads_only_multithreaded_balanced_and_small_experts(monkeypatch):
         assert make(E, D, H, "grouped_mm").padded_capacity(x, sort_by_expert(balanced, E)) is None
         monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # cheap parallel regions:
         assert ex.padded_capacity(x, sort_by_expert(balanced, E)) == 100  # small experts pad
-        many = torch.arange(1000 * k).remainder(E).view(1000, k)  # 500 rows per expert
-        assert ex.padded_capacity(x, sort_by_expert(many, E)) is None  # large ones do not
+        wide = make(E, 256, 256, "auto")  # 100 rows x 256 x 512 = 13.1M MACs per expert
+        assert wide.padded_capacity(x, sort_by_expert(balanced, E)) is None  # large ones do not
         monkeypatch.delenv("OMP_WAIT_POLICY")
         y2, g2 = run(
             ex, x, balanced, torch.rand(200, k, generator=torch.Generator().manual_seed(1))

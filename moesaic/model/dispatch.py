@@ -30,15 +30,17 @@ BACKENDS = ("auto", "grouped_mm", "split", "padded")
 # grouped matmul (one matmul per expert, each split across the threads), when that adds at most
 # PAD_MAX_WASTE − 1 padding rows, experts get PAD_MIN_ROWS rows on average (below that the
 # largest count is far above the mean), and either
-# * experts get at most PAD_MAX_MEAN_ROWS rows on average: such small per-expert matmuls gain
-#   little from splitting across threads, and batching them wins (fine-grained experts), or
+# * an expert's first product is small, at most PAD_MAX_EXPERT_MACS multiply-adds on average
+#   (mean rows · D · 2H): such matmuls gain little from splitting across threads, and batching
+#   them wins (fine-grained experts), or
 # * OpenMP threads busy-wait (libgomp's default policy): grouped matmul opens one parallel
 #   region per expert and product, and when the cores are shared and a spinning worker is
 #   preempted each region can cost a scheduler time slice; fewer, larger regions win by far.
 # Otherwise grouped matmul (no padding) is faster. The thresholds come from `moesaic bench moe`
-# on a 2-core CPU: padded is faster at 256 rows per expert, equal at 512, slower at 2048.
+# on a 2-core CPU: padded is faster at 8.4M multiply-adds per expert (fine: 256 rows, D 256,
+# 2H 128), slower from 17M (the tiny preset's MoE) up.
 PAD_MAX_WASTE = 1.25
-PAD_MAX_MEAN_ROWS = 384
+PAD_MAX_EXPERT_MACS = 12 * 2**20
 PAD_MIN_ROWS = 16
 
 
@@ -356,7 +358,8 @@ class Experts(nn.Module):
             return None
         if auto and rows < PAD_MIN_ROWS * E:
             return None
-        if auto and rows > PAD_MAX_MEAN_ROWS * E and not _openmp_busy_waits():
+        macs = rows * self.dim * 2 * self.hidden / E
+        if auto and macs > PAD_MAX_EXPERT_MACS and not _openmp_busy_waits():
             return None
         capacity = int(routing.counts_E.max())
         if auto and E * capacity > PAD_MAX_WASTE * rows:
