@@ -71,9 +71,7 @@ class FFNConfig:
         _check_choice(f"{path}.shared", self.shared, ("none", "global", "per_modality"))
         _check_choice(f"{path}.groups", self.groups, ("none", "modality"))
         _check_choice(f"{path}.score", self.score, ("softmax", "sigmoid"))
-        _check_choice(
-            f"{path}.dispatch", self.dispatch, ("auto", "grouped_mm", "padded", "split")
-        )
+        _check_choice(f"{path}.dispatch", self.dispatch, ("auto", "grouped_mm", "padded", "split"))
         for name in ("experts", "granularity", "every"):
             _check_positive(f"{path}.{name}", getattr(self, name))
         for name in ("aux_loss", "z_loss", "bias_rate"):
