@@ -8,10 +8,10 @@ per 4 KiB page it touches: an MoE layer's expert-ordered buffers ([T·k, D] rows
 thousands of faults per step, a measurable part of its time.
 
 `retain_freed_memory()` raises both thresholds (mmap only for blocks over 32 MiB, the most
-glibc allows; no trimming), so a process reuses its own peak working set, the way GPU caching
-allocators do. Resident memory then stays at the peak of a step instead of falling between
-steps. It is a no-op where the C library is not glibc. `MOESAIC_MALLOC=default` leaves the C
-allocator as it is.
+glibc allows; the heap is trimmed only when over 2 GiB of it is free), so a process reuses
+its own peak working set, the way GPU caching allocators do. Resident memory then stays at
+the peak of a step instead of falling between steps. It is a no-op where the C library is
+not glibc. `MOESAIC_MALLOC=default` leaves the C allocator as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 2**20  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit systems
-TRIM_THRESHOLD = 2**62  # never trim
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim only past 2 GiB free at the top
 
 _applied: bool | None = None
 
@@ -46,7 +46,6 @@ def retain_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    trim = ctypes.c_int(min(TRIM_THRESHOLD, 2**31 - 1)).value
-    ok = mallopt(M_TRIM_THRESHOLD, trim) == 1 and ok
+    ok = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
     _applied = ok
     return ok
