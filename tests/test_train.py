@@ -17,7 +17,7 @@ from moesaic.config import load_config
 from moesaic.errors import CheckpointError, ConfigError
 from moesaic.train.loop import Trainer, TrainingDiverged
 from moesaic.train.metrics import read_metrics
-from tests.train_utils import KINDS, MICRO
+from tests.train_utils import KINDS, MICRO, MOE
 
 
 def _cfg(tmp_path, *extra):
@@ -216,3 +216,25 @@ def test_adamw_is_fused_for_plain_tensors_and_foreach_otherwise():
     meta = torch.nn.Linear(4, 4, device="meta")  # a device fused AdamW does not run on
     opt = build_optimizer(meta, cfg.train)
     assert not opt.defaults["fused"] and opt.defaults["foreach"]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_compiled_moe_training_matches_eager(tmp_path):
+    """train.compile=true runs an MoE model (dispatch stays eager inside the compiled graph).
+
+    Two threads: the compiler's parallel scatter code is what failed on the balancing loss."""
+    evals, threads = {}, torch.get_num_threads()
+    try:
+        for flag in ("false", "true"):
+            cfg = load_config(
+                "tiny",
+                [*MICRO, *MOE, "model.ffn.aux_loss=0.01", "model.ffn.z_loss=1e-4",
+                 "train.steps=2", "eval.every=0", "train.checkpoint_every=0", "train.threads=2",
+                 f"train.compile={flag}", f"out={tmp_path / flag}"],
+            )  # fmt: skip
+            evals[flag] = Trainer(cfg).run()["eval"]
+    finally:
+        torch.set_num_threads(threads)
+    assert evals["true"].keys() == evals["false"].keys()
+    for key, value in evals["false"].items():
+        assert evals["true"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key

@@ -375,12 +375,16 @@ class Experts(nn.Module):
         return torch.bmm(h.view(E, P // E, -1), w2).view(P, -1)
 
 
+@torch.compiler.disable
 def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: nn.Module) -> Tensor:
     """y_t = Σ_j gate[t, j] · expert[expert[t, j]](x_t), dropless and deterministic. [T, D].
 
     `experts` is any module with `num_experts` and `forward(x_SD, counts_E, scale_S)`. Gates
     (None: all 1) are applied in fp32 to the experts' activations, which equals scaling their
     outputs since the down projection is linear; the sum over k is in fp32 in a fixed order.
+
+    Under `torch.compile` it runs eagerly: its buffer sizes depend on the routing, and
+    `torch._grouped_mm` has no fp32 kernel for the compiler to trace.
     """
     routing = sort_by_expert(expert_TK, experts.num_experts)
     capacity = None

@@ -148,7 +148,9 @@ class MoE(nn.Module):
                 0, expert_TK.reshape(-1), valid_T.repeat_interleave(k)
             )
             group_T = self._group_of_tokens(meta)
-            tokens_G = torch.zeros(NUM_MODALITIES, device=n.device).index_add_(0, group_T, valid_T)
+            # tokens per group (a 2-row one-hot product: compiles, unlike a 2-bucket scatter)
+            groups_G = torch.arange(NUM_MODALITIES, device=n.device)
+            tokens_G = (group_T.unsqueeze(0) == groups_G.unsqueeze(1)).float() @ valid_T
             pool_tokens_E = tokens_G[self.group_E].clamp_min(1.0)
             switch = (counts_E * prob_sum_E / pool_tokens_E).sum() * self.pool_size / (k * n)
             aux = aux + self.aux_weight * switch
