@@ -21,15 +21,6 @@ from tests.sampling_utils import FlowOracle, micro_run, micro_run_dir
 PROMPTS = ["small red circle top left; black background", "a large blue bar in the centre"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids oversubscription on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run():
     return micro_run()

@@ -3,7 +3,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,15 +25,6 @@ from moesaic.evaluate.tasks import (
     vqa_scores,
 )
 from tests.sampling_utils import micro_run, micro_run_dir
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------------------- caption parser
 

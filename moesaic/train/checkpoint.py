@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,13 +185,19 @@ def verify_checkpoint(path: Path, fingerprint: str | None = None) -> Checkpoint:
 
 
 def latest_checkpoint(
-    root: Path, fingerprint: str | None = None
+    root: Path,
+    fingerprint: str | None = None,
+    verify: Callable[[Path, str | None], Checkpoint] | None = None,
 ) -> tuple[Checkpoint | None, list[str]]:
-    """The newest checkpoint that verifies, plus one message per newer one that did not."""
+    """The newest checkpoint that verifies, plus one message per newer one that did not.
+
+    `verify` (default `verify_checkpoint`) checks one checkpoint directory; a config mismatch
+    is raised at once rather than skipped."""
+    verify = verify or verify_checkpoint
     rejected = []
     for path in reversed(list_checkpoints(root)):
         try:
-            return verify_checkpoint(path, fingerprint), rejected
+            return verify(path, fingerprint), rejected
         except CheckpointError as e:
             if "different config" in str(e):
                 raise

@@ -263,15 +263,7 @@ def latest_any_checkpoint(
     root: Path, fingerprint: str | None = None
 ) -> tuple[ckpt.Checkpoint | None, list[str]]:
     """The newest checkpoint of either layout that verifies, plus why newer ones did not."""
-    rejected = []
-    for path in reversed(ckpt.list_checkpoints(root)):
-        try:
-            return verify_any(path, fingerprint), rejected
-        except CheckpointError as e:
-            if "different config" in str(e):
-                raise
-            rejected.append(str(e))
-    return None, rejected
+    return ckpt.latest_checkpoint(root, fingerprint, verify_any)
 
 
 # ---------------------------------------------------------------------------------- data, RNG
