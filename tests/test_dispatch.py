@@ -63,8 +63,9 @@ def routing(T, E, k, seed, skew=False):
 
 
 @pytest.mark.parametrize("skew", [False, True])
-def test_backends_equal_each_other_and_reference(skew):
-    T, E, k, D, H = 24, 6, 2, 16, 8
+@pytest.mark.parametrize("H", [8, 16])  # gates on the activations (H 8), in the combine (H 16)
+def test_backends_equal_each_other_and_reference(skew, H):
+    T, E, k, D = 24, 6, 2, 16
     expert_TK, gate_TK = routing(T, E, k, 1, skew)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(2))
     results = {}
@@ -160,8 +161,9 @@ def test_unknown_backend_is_config_error():
     k_frac=st.floats(0.0, 1.0),
     skew=st.floats(0.0, 8.0),
     seed=st.integers(0, 2**16),
+    H=st.sampled_from([4, 8]),
 )
-def test_dispatch_property(T, E, k_frac, skew, seed):
+def test_dispatch_property(T, E, k_frac, skew, seed, H):
     """Random sizes and skewed routing: every backend equals the reference, values and grads."""
     k = 1 + int(k_frac * (E - 1))
     g = torch.Generator().manual_seed(seed)
@@ -169,7 +171,7 @@ def test_dispatch_property(T, E, k_frac, skew, seed):
     logits[:, 0] += skew
     expert_TK = logits.topk(k, dim=-1).indices
     gate_TK = torch.rand(T, k, generator=g)
-    D, H = 8, 4
+    D = 8
     x = torch.randn(T, D, generator=g)
     out = {b: run(make(E, D, H, b, seed), x, expert_TK, gate_TK) for b in BACKENDS if b != "auto"}
     ys, gs = out["split"]
@@ -180,6 +182,60 @@ def test_dispatch_property(T, E, k_frac, skew, seed):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     ref = reference_moe(x, expert_TK, gate_TK, make(E, D, H, "split", seed))
     torch.testing.assert_close(ys, ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["split", "padded"])
+@pytest.mark.parametrize("in_combine", [False, True])
+def test_gate_placement_gradcheck(backend, in_combine, monkeypatch):
+    """Gates on the activations or in the combine: exact gradients of x, gates and weights."""
+    import moesaic.model.dispatch as d
+
+    monkeypatch.setattr(d, "gates_in_combine", lambda experts: in_combine)
+    T, E, k, D, H = 7, 3, 2, 4, 3
+    expert_TK = torch.tensor([[0, 1], [1, 0], [0, 2], [0, 1], [2, 0], [1, 2], [0, 1]])
+    ex = make(E, D, H, backend).double()
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ex = ex
+
+        def forward(self, x, gate):
+            return d.dispatch(x, expert_TK, gate, self.ex)
+
+    def f(x, gate, w1, w2):
+        params = {"ex.w_gate_up_EDH": w1, "ex.w_down_EHD": w2}
+        return torch.func.functional_call(Layer(), params, (x, gate))
+
+    weights = [p.detach().clone().requires_grad_(True) for p in ex.parameters()]
+    assert torch.autograd.gradcheck(f, (x, gate, *weights))
+
+
+def test_gate_placements_agree(monkeypatch):
+    """Scaling activations and scaling outputs give the same values and gradients."""
+    import moesaic.model.dispatch as d
+
+    T, E, k, D, H = 30, 4, 2, 16, 16
+    expert_TK, gate_TK = routing(T, E, k, 3, skew=True)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(4))
+    out = {}
+    for in_combine in (False, True):
+        monkeypatch.setattr(d, "gates_in_combine", lambda experts, v=in_combine: v)
+        out[in_combine] = run(make(E, D, H, "grouped_mm"), x, expert_TK, gate_TK)
+    (ya, ga), (yb, gb) = out[False], out[True]
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gates_in_combine_picks_the_narrower_side():
+    from moesaic.model.dispatch import gates_in_combine
+
+    assert gates_in_combine(Experts(8, 256, 512))  # coarse: outputs narrower than activations
+    assert gates_in_combine(Experts(16, 128, 128))  # equal widths: 2 [N, D] passes < 3 [N, H]
+    assert not gates_in_combine(Experts(64, 256, 64))  # fine-grained: activations narrower
 
 
 def test_swiglu_backward_matches_autograd():

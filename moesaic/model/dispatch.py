@@ -177,6 +177,47 @@ class _UnpermuteSum(torch.autograd.Function):
         return g_TD.index_select(0, ctx.rows.gather_N).to(ctx.dtype), None
 
 
+class _GatedSum(torch.autograd.Function):
+    """y_TD = Σ_j gate_F[t·k + j] · y_ND[row of (t, j)] in fp32: the gates applied in the combine.
+
+    `gate_N` is each row's gate (0 at padding), the same values as `gate_F` in row order; it is
+    only used by the backward, which returns the gradient of `gate_F`.
+    """
+
+    @staticmethod
+    def forward(ctx, y_ND: Tensor, gate_F: Tensor, gate_N: Tensor, rows: _Rows) -> Tensor:
+        ctx.rows = rows
+        ctx.save_for_backward(y_ND, gate_N)
+        T, k, y = rows.num_tokens, rows.k, _wide(y_ND)
+        if y.device.type == "cpu":
+            bags = rows.inverse_F.view(T, k)
+            weights = gate_F.to(y.dtype).view(T, k)
+            return F.embedding_bag(bags, y, mode="sum", per_sample_weights=weights)
+        y_TKD = y.index_select(0, rows.inverse_F).view(T, k, -1)
+        return (y_TKD * gate_F.view(T, k, 1)).sum(1)
+
+    @staticmethod
+    def backward(ctx, g_TD: Tensor):
+        y_ND, gate_N = ctx.saved_tensors
+        rows = ctx.rows
+        g_ND = _wide(g_TD).index_select(0, rows.gather_N)
+        grad_gate = None
+        if ctx.needs_input_grad[1]:
+            grad_gate_N = torch.linalg.vecdot(g_ND, _wide(y_ND))
+            grad_gate = grad_gate_N.index_select(0, rows.inverse_F)
+        grad_y = g_ND.mul_(gate_N.unsqueeze(-1)).to(y_ND.dtype)
+        return grad_y, grad_gate, None, None
+
+
+def gates_in_combine(experts: nn.Module) -> bool:
+    """Whether the gates scale the experts' outputs in the combine ([N, D] work in the backward:
+    one scaling pass and one dot product) rather than their SwiGLU activations ([N, H] work:
+    a scaling pass each way and a dot product). The two give the same result; the narrower
+    side is cheaper: the combine when 2·D ≤ 3·H."""
+    dim, hidden = getattr(experts, "dim", None), getattr(experts, "hidden", None)
+    return dim is not None and hidden is not None and 2 * dim <= 3 * hidden
+
+
 def _sorted_rows(routing: Routing) -> _Rows:
     return _Rows(routing.token_S, routing.token_S, routing.num_tokens, False,
                  routing.inverse_S, routing.k)  # fmt: skip
@@ -366,8 +407,9 @@ class Experts(nn.Module):
             return None
         return capacity
 
-    def forward_padded(self, x_PD: Tensor, scale_P: Tensor) -> Tensor:
-        """[E·C, D] rows in E blocks of C slots -> [E·C, D]; `scale_P` fp32, 0 at padding."""
+    def forward_padded(self, x_PD: Tensor, scale_P: Tensor | None) -> Tensor:
+        """[E·C, D] rows in E blocks of C slots -> [E·C, D]; `scale_P` fp32, 0 at padding (None:
+        unscaled, padding rows then hold finite values the caller must drop)."""
         x, w1, w2 = self._weights(x_PD)
         E, P = self.num_experts, x.shape[0]
         gate_up = torch.bmm(x.view(E, P // E, -1), w1).view(P, -1)
@@ -380,8 +422,9 @@ def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: n
     """y_t = Σ_j gate[t, j] · expert[expert[t, j]](x_t), dropless and deterministic. [T, D].
 
     `experts` is any module with `num_experts` and `forward(x_SD, counts_E, scale_S)`. Gates
-    (None: all 1) are applied in fp32 to the experts' activations, which equals scaling their
-    outputs since the down projection is linear; the sum over k is in fp32 in a fixed order.
+    (None: all 1) are applied in fp32, either to the experts' activations (`scale_S`) or to
+    their outputs in the combine, whichever is narrower (`gates_in_combine`; the two are equal
+    since the down projection is linear); the sum over k is in fp32 in a fixed order.
 
     Under `torch.compile` it runs eagerly: its buffer sizes depend on the routing, and
     `torch._grouped_mm` has no fp32 kernel for the compiler to trace.
@@ -392,10 +435,15 @@ def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: n
         capacity = experts.padded_capacity(x_TD, routing)
     if capacity is not None:
         return _dispatch_padded(x_TD, gate_TK, experts, pad_routing(routing, capacity))
-    gate_S = None
-    if gate_TK is not None:
-        gate_S = gate_TK.float().reshape(-1).index_select(0, routing.order_S)
-    y_SD = experts(permute(x_TD, routing), routing.counts_E, gate_S)
+    x_SD = permute(x_TD, routing)
+    if gate_TK is None:
+        return unpermute_sum(experts(x_SD, routing.counts_E), routing).to(x_TD.dtype)
+    gate_F = _wide(gate_TK).reshape(-1)
+    if gates_in_combine(experts):
+        gate_S = gate_F.detach().index_select(0, routing.order_S)
+        y_SD = experts(x_SD, routing.counts_E, None)
+        return _GatedSum.apply(y_SD, gate_F, gate_S, _sorted_rows(routing)).to(x_TD.dtype)
+    y_SD = experts(x_SD, routing.counts_E, gate_F.index_select(0, routing.order_S))
     return unpermute_sum(y_SD, routing).to(x_TD.dtype)
 
 
@@ -406,10 +454,16 @@ def _dispatch_padded(
     T = x_TD.shape[0]
     k = padded.slot_F.numel() // max(T, 1)
     rows = _Rows(padded.gather_P, padded.scatter_P, T, True, padded.slot_F, k)
+    x_PD = _Permute.apply(x_TD, rows)
     if gate_TK is None:
-        scale_P = (padded.scatter_P < T).float()
-    else:
-        gate = gate_TK.float().reshape(-1)
-        scale_P = torch.cat([gate, gate.new_zeros(1)]).index_select(0, padded.flat_P)
-    y_PD = experts.forward_padded(_Permute.apply(x_TD, rows), scale_P)
+        y_PD = experts.forward_padded(x_PD, (padded.scatter_P < T).float())
+        return _UnpermuteSum.apply(y_PD, rows).to(x_TD.dtype)
+    gate_F = _wide(gate_TK).reshape(-1)
+    combine = gates_in_combine(experts)
+    gate = gate_F.detach() if combine else gate_F
+    scale_P = torch.cat([gate, gate.new_zeros(1)]).index_select(0, padded.flat_P)
+    if combine:  # padding rows are left unscaled; the combine never reads them
+        y_PD = experts.forward_padded(x_PD, None)
+        return _GatedSum.apply(y_PD, gate_F, scale_P, rows).to(x_TD.dtype)
+    y_PD = experts.forward_padded(x_PD, scale_P)
     return _UnpermuteSum.apply(y_PD, rows).to(x_TD.dtype)
