@@ -240,3 +240,20 @@ def test_compiled_moe_training_matches_eager(tmp_path):
     assert evals["true"].keys() == evals["false"].keys()
     for key, value in evals["false"].items():
         assert evals["true"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_bf16_mixed_precision_trains_every_ffn_kind(tmp_path, kind):
+    """train.precision=bf16 (the CUDA default) on CPU: balancing losses stay fp32, norms keep
+    their fused kernel, and every loss is finite."""
+    import warnings
+
+    extra = ["model.ffn.aux_loss=0.01", "model.ffn.z_loss=1e-4"] if "moe" in kind else []
+    cfg = _cfg(tmp_path, *KINDS[kind], *extra, "train.precision=bf16", "train.steps=3",
+               "eval.every=0", "train.checkpoint_every=0")  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = Trainer(cfg).run()
+    assert summary["status"] == "finished" and summary["skipped_steps"] == 0
+    assert all(math.isfinite(v) for v in summary["eval"].values())
+    assert not [w for w in caught if "Mismatch dtype" in str(w.message)]

@@ -132,6 +132,12 @@ class MoE(nn.Module):
         self, logits_TE: Tensor, scores_TE: Tensor, expert_TK: Tensor, meta: TokenMeta
     ) -> Tensor:
         """α·Switch + β·z-loss of this layer over non-padding tokens (0-d fp32 tensor)."""
+        with torch.autocast(logits_TE.device.type, enabled=False):  # fp32 under mixed precision
+            return self._balance_loss(logits_TE, scores_TE, expert_TK, meta)
+
+    def _balance_loss(
+        self, logits_TE: Tensor, scores_TE: Tensor, expert_TK: Tensor, meta: TokenMeta
+    ) -> Tensor:
         aux = logits_TE.new_zeros(())
         valid_T = meta.valid_T.float()
         n = valid_T.sum().clamp_min(1.0)
