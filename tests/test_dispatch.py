@@ -186,11 +186,14 @@ def test_dispatch_property(T, E, k_frac, skew, seed, H):
 
 @pytest.mark.parametrize("backend", ["split", "padded"])
 @pytest.mark.parametrize("in_combine", [False, True])
-def test_gate_placement_gradcheck(backend, in_combine, monkeypatch):
-    """Gates on the activations or in the combine: exact gradients of x, gates and weights."""
+@pytest.mark.parametrize("bags", [True, False])  # CPU's embedding_bag sums, or other devices'
+def test_gate_placement_gradcheck(backend, in_combine, bags, monkeypatch):
+    """Gates on the activations or in the combine: exact gradients of x, gates and weights,
+    with the CPU's row sums and with the gather-and-sum used on other devices."""
     import moesaic.model.dispatch as d
 
     monkeypatch.setattr(d, "gates_in_combine", lambda experts: in_combine)
+    monkeypatch.setattr(d, "_bag_sums", lambda t: bags)
     T, E, k, D, H = 7, 3, 2, 4, 3
     expert_TK = torch.tensor([[0, 1], [1, 0], [0, 2], [0, 1], [2, 0], [1, 2], [0, 1]])
     ex = make(E, D, H, backend).double()

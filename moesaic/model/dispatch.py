@@ -95,7 +95,7 @@ class PaddedRouting:
     activations, outputs and weight gradients are exactly 0 whatever row they read.
 
     gather_P:  token each slot reads (padding reads the last token: finite, then scaled by 0)
-    scatter_P: token each slot is summed into (padding: T, an extra row that is dropped)
+    scatter_P: token of each slot (padding: T, no token)
     flat_P:    flat assignment index (token·k + slot) of each slot (padding: T·k, dropped)
     slot_F:    slot of each flat assignment (the inverse of flat_P on real slots)
     """
@@ -127,11 +127,15 @@ class _Rows:
     """How rows move between token order [T, D] and expert order [N, D] (N = S or P)."""
 
     gather_N: Tensor  # token each row reads
-    scatter_N: Tensor  # token each row is summed into (T: a dropped row, when `dropped`)
+    inverse_F: Tensor  # row of each flat assignment token·k + slot (never a padding row)
     num_tokens: int
-    dropped: bool = False
-    inverse_F: Tensor | None = None  # row of each flat assignment token·k + slot
-    k: int = 1
+    k: int
+
+
+def _bag_sums(t: Tensor) -> bool:
+    """Whether sums over each token's rows run as one `embedding_bag` (CPU), rather than a
+    gather to [T, k, D] and a sum (elsewhere)."""
+    return t.device.type == "cpu"
 
 
 def _sum_rows(y_ND: Tensor, rows: _Rows) -> Tensor:
@@ -143,10 +147,7 @@ def _sum_rows(y_ND: Tensor, rows: _Rows) -> Tensor:
     elsewhere a gather to [T, k, D] and a sum.
     """
     T, k, y_ND = rows.num_tokens, rows.k, _wide(y_ND)
-    if rows.inverse_F is None:
-        out = y_ND.new_zeros(T + rows.dropped, y_ND.shape[-1]).index_add_(0, rows.scatter_N, y_ND)
-        return out[:T] if rows.dropped else out
-    if y_ND.device.type == "cpu":
+    if _bag_sums(y_ND):
         return F.embedding_bag(rows.inverse_F.view(T, k), y_ND, mode="sum")
     return y_ND.index_select(0, rows.inverse_F).view(T, k, -1).sum(1)
 
@@ -189,7 +190,7 @@ class _GatedSum(torch.autograd.Function):
         ctx.rows = rows
         ctx.save_for_backward(y_ND, gate_N)
         T, k, y = rows.num_tokens, rows.k, _wide(y_ND)
-        if y.device.type == "cpu":
+        if _bag_sums(y):
             bags = rows.inverse_F.view(T, k)
             weights = gate_F.to(y.dtype).view(T, k)
             return F.embedding_bag(bags, y, mode="sum", per_sample_weights=weights)
@@ -219,8 +220,7 @@ def gates_in_combine(experts: nn.Module) -> bool:
 
 
 def _sorted_rows(routing: Routing) -> _Rows:
-    return _Rows(routing.token_S, routing.token_S, routing.num_tokens, False,
-                 routing.inverse_S, routing.k)  # fmt: skip
+    return _Rows(routing.token_S, routing.inverse_S, routing.num_tokens, routing.k)
 
 
 def permute(x_TD: Tensor, routing: Routing) -> Tensor:
@@ -453,7 +453,7 @@ def _dispatch_padded(
     """`dispatch` through [E, C] slots: the same rows, summed in fp32 in the same order."""
     T = x_TD.shape[0]
     k = padded.slot_F.numel() // max(T, 1)
-    rows = _Rows(padded.gather_P, padded.scatter_P, T, True, padded.slot_F, k)
+    rows = _Rows(padded.gather_P, padded.slot_F, T, k)
     x_PD = _Permute.apply(x_TD, rows)
     if gate_TK is None:
         y_PD = experts.forward_padded(x_PD, (padded.scatter_P < T).float())
