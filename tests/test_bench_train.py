@@ -39,6 +39,9 @@ def test_bench_train_writes_report(tmp_path):
     assert rows["tiny-dense"]["ratio_to_dense"] == 1.0
     moe, dense = rows["tiny-moe"], rows["tiny-dense"]
     assert moe["ratio_to_dense"] == pytest.approx(moe["tokens_per_s"] / dense["tokens_per_s"])
+    assert dense["ratio_per_round"] == [1.0, 1.0] and len(moe["ratio_per_round"]) == 2
+    lo, hi = min(moe["ratio_per_round"]), max(moe["ratio_per_round"])
+    assert lo <= moe["ratio_to_dense"] * 1.000001 and moe["ratio_to_dense"] <= hi * 1.000001
     assert moe["params_total"] > moe["params_active"]  # experts not all active
     assert dense["params_total"] == dense["params_active"]
     assert abs(moe["params_active"] / dense["params_active"] - 1) < 0.01  # matched compute

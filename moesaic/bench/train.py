@@ -151,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
                     "flops_per_token": flops,
                     "tokens_per_s": rate,
                     "ratio_to_dense": rate / dense_rate,
+                    # each round times dense, then this config: ratios of neighbours in time
+                    "ratio_per_round": [
+                        r / d for r, d in zip(rates[v], rates["dense"], strict=True)
+                    ],
                     "mfu": flops * rate / peak,
                     "matmul_peak_gflops": peak / 1e9,
                 }
@@ -175,11 +179,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_table(rows: list[dict]) -> None:
     head = f"{'preset':<12} {'active':>10} {'total':>10} {'tok/s':>9} {'vs dense':>8} {'MFU':>6}"
-    head += f" {'peak MB':>8}"
+    head += f" {'peak MB':>8}  rounds vs dense"
     print(head)
     for r in rows:
         mem = f"{r['peak_memory_mb']:>8.0f}" if "peak_memory_mb" in r else f"{'-':>8}"
+        spread = f"{min(r['ratio_per_round']):.2f}–{max(r['ratio_per_round']):.2f}"
         print(
             f"{r['preset']:<12} {r['params_active']:>10,} {r['params_total']:>10,} "
             f"{r['tokens_per_s']:>9.0f} {r['ratio_to_dense']:>8.2f} {r['mfu']:>6.1%} {mem}"
+            f"  {spread}"
         )
