@@ -251,9 +251,14 @@ def test_bf16_mixed_precision_trains_every_ffn_kind(tmp_path, kind):
     extra = ["model.ffn.aux_loss=0.01", "model.ffn.z_loss=1e-4"] if "moe" in kind else []
     cfg = _cfg(tmp_path, *KINDS[kind], *extra, "train.precision=bf16", "train.steps=3",
                "eval.every=0", "train.checkpoint_every=0")  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        summary = Trainer(cfg).run()
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch's warn-once warnings too, whatever ran before
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = Trainer(cfg).run()
+    finally:
+        torch.set_warn_always(warn_always)
     assert summary["status"] == "finished" and summary["skipped_steps"] == 0
     assert all(math.isfinite(v) for v in summary["eval"].values())
     assert not [w for w in caught if "Mismatch dtype" in str(w.message)]
