@@ -95,16 +95,15 @@ class PaddedRouting:
     activations, outputs and weight gradients are exactly 0 whatever row they read.
 
     gather_P:  token each slot reads (padding reads the last token: finite, then scaled by 0)
-    scatter_P: token of each slot (padding: T, no token)
-    flat_P:    flat assignment index (token·k + slot) of each slot (padding: T·k, dropped)
+    flat_P:    flat assignment index (token·k + slot) of each slot (padding: T·k, no assignment)
     slot_F:    slot of each flat assignment (the inverse of flat_P on real slots)
     """
 
     gather_P: Tensor
-    scatter_P: Tensor
     flat_P: Tensor
     slot_F: Tensor
     capacity: int
+    k: int
 
 
 def pad_routing(routing: Routing, capacity: int) -> PaddedRouting:
@@ -114,12 +113,10 @@ def pad_routing(routing: Routing, capacity: int) -> PaddedRouting:
     start_E = routing.counts_E.cumsum(0) - routing.counts_E
     slot_S = torch.arange(expert_S.numel(), device=device) - start_E[expert_S]
     slot_S += expert_S * capacity
-    scatter_P = torch.full((E * capacity,), T, dtype=torch.int64, device=device)
-    scatter_P.index_copy_(0, slot_S, routing.token_S)
     flat_P = torch.full((E * capacity,), T * k, dtype=torch.int64, device=device)
     flat_P.index_copy_(0, slot_S, routing.order_S)
-    gather_P = scatter_P.clamp(max=max(T - 1, 0))
-    return PaddedRouting(gather_P, scatter_P, flat_P, slot_S[routing.inverse_S], capacity)
+    gather_P = (flat_P // k).clamp(max=max(T - 1, 0))
+    return PaddedRouting(gather_P, flat_P, slot_S[routing.inverse_S], capacity, k)
 
 
 @dataclasses.dataclass
@@ -452,16 +449,15 @@ def _dispatch_padded(
 ) -> Tensor:
     """`dispatch` through [E, C] slots: the same rows, summed in fp32 in the same order."""
     T = x_TD.shape[0]
-    k = padded.slot_F.numel() // max(T, 1)
-    rows = _Rows(padded.gather_P, padded.slot_F, T, k)
+    rows = _Rows(padded.gather_P, padded.slot_F, T, padded.k)
     x_PD = _Permute.apply(x_TD, rows)
-    if gate_TK is None:
-        y_PD = experts.forward_padded(x_PD, (padded.scatter_P < T).float())
-        return _UnpermuteSum.apply(y_PD, rows).to(x_TD.dtype)
-    gate_F = _wide(gate_TK).reshape(-1)
-    combine = gates_in_combine(experts)
+    combine = gate_TK is not None and gates_in_combine(experts)
+    if gate_TK is None:  # every gate 1
+        gate_F = x_TD.new_ones(padded.slot_F.numel(), dtype=torch.float32)
+    else:
+        gate_F = _wide(gate_TK).reshape(-1)
     gate = gate_F.detach() if combine else gate_F
-    scale_P = torch.cat([gate, gate.new_zeros(1)]).index_select(0, padded.flat_P)
+    scale_P = torch.cat([gate, gate.new_zeros(1)]).index_select(0, padded.flat_P)  # 0: padding
     if combine:  # padding rows are left unscaled; the combine never reads them
         y_PD = experts.forward_padded(x_PD, None)
         return _GatedSum.apply(y_PD, gate_F, scale_P, rows).to(x_TD.dtype)
