@@ -53,7 +53,7 @@ class FFNConfig:
     aux_loss: float = 0.01  # α of the per-layer Switch load-balancing loss (0 = off)
     z_loss: float = 0.0  # β of the router z-loss (0 = off)
     bias_rate: float = 0.0  # γ of auxiliary-loss-free bias balancing (0 = off)
-    dispatch: str = "auto"  # auto | grouped_mm | padded | split
+    dispatch: str = "auto"  # auto | native | grouped_mm | padded | split
 
     @property
     def active_experts(self) -> int:
@@ -71,7 +71,9 @@ class FFNConfig:
         _check_choice(f"{path}.shared", self.shared, ("none", "global", "per_modality"))
         _check_choice(f"{path}.groups", self.groups, ("none", "modality"))
         _check_choice(f"{path}.score", self.score, ("softmax", "sigmoid"))
-        _check_choice(f"{path}.dispatch", self.dispatch, ("auto", "grouped_mm", "padded", "split"))
+        _check_choice(
+            f"{path}.dispatch", self.dispatch, ("auto", "native", "grouped_mm", "padded", "split")
+        )
         for name in ("experts", "granularity", "every"):
             _check_positive(f"{path}.{name}", getattr(self, name))
         for name in ("aux_loss", "z_loss", "bias_rate"):

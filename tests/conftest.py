@@ -11,8 +11,12 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    """Trained tokenizers are cached per test session, never in the user's home."""
+    """Trained tokenizers are cached per test session, never in the user's home. The CPU expert
+    kernel keeps its usual build directory, so it is compiled once, not once per session."""
+    from moesaic.model import native
+
     mp = pytest.MonkeyPatch()
+    mp.setenv("MOESAIC_NATIVE_DIR", str(native.build_dir().parent))
     mp.setenv("MOESAIC_CACHE", str(tmp_path_factory.mktemp("moesaic-cache")))
     yield
     mp.undo()

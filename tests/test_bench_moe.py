@@ -8,6 +8,7 @@ import torch
 
 from moesaic.bench import moe as bench
 from moesaic.bench import moe_peers as peers
+from moesaic.model import native
 
 TINY = bench.Shape("coarse", experts=8, top_k=2, expert_hidden=16, dim=32, tokens=64)
 
@@ -95,7 +96,10 @@ def test_bench_writes_report_with_schema(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     out = tmp_path / "moe.json"
-    impls = "dense,moesaic,moesaic-split,moesaic-grouped,moesaic-padded,split-loop,one-hot"
+    impls = ",".join(
+        ["dense", "moesaic", "moesaic-native", "moesaic-split", "moesaic-grouped"]
+        + ["moesaic-padded", "split-loop", "one-hot"]
+    )
     args = parser.parse_args(
         [
             "--shapes",
@@ -123,14 +127,21 @@ def test_bench_writes_report_with_schema(tmp_path, monkeypatch):
     for shape in ("coarse", "fine"):
         by_impl = {r["impl"]: r for r in rows if r["shape"] == shape}
         assert set(by_impl) == set(impls.split(","))
+        built = native.available()
+        if not built:  # no compiler here: a row that says why
+            assert "cannot build" in by_impl.pop("moesaic-native")["skipped"]
         assert by_impl["dense"]["ratio_to_dense"] == 1.0
         for r in by_impl.values():
             assert r["ms"] > 0 and r["rounds"] == 2
             assert r["ratio_to_dense"] == pytest.approx(r["ms"] / by_impl["dense"]["ms"])
         assert by_impl["moesaic-split"]["path"] == "split"
         assert by_impl["moesaic-padded"]["path"] == "padded"
-        assert by_impl["moesaic"]["path"] == "grouped_mm"  # one thread: no padding
+        assert by_impl["moesaic-grouped"]["path"] == "grouped_mm"
+        if built:
+            assert by_impl["moesaic-native"]["path"] == "native"
+            assert by_impl["moesaic"]["path"] == "native"  # auto on CPU: the C++ kernel
         assert set(report["parity"][shape]) >= {"moesaic-split", "split-loop"}
+        assert "moesaic-native" in report["parity"][shape] or not built
 
 
 def test_unknown_shape_is_config_error():

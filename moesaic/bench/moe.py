@@ -6,7 +6,7 @@ input and output gradient — in this process:
 * `dense`: moesaic's SwiGLU FFN of width k·F (the FLOPs of k experts of width F): the
   reference every ratio is taken against;
 * `moesaic`: the MoE layer as configured by default (`dispatch: auto`), and each dispatch
-  backend forced (`moesaic-grouped`, `moesaic-padded`, `moesaic-split`);
+  backend forced (`moesaic-native`, `moesaic-grouped`, `moesaic-padded`, `moesaic-split`);
 * `hf-eager`, `hf-grouped`: Hugging Face transformers' Qwen3-MoE sparse block with its expert
   implementations (when transformers is installed), after checking that its output equals
   moesaic's;
@@ -39,6 +39,7 @@ from moesaic.bench import moe_peers as peers
 from moesaic.bench import openmp
 from moesaic.config import FFNConfig
 from moesaic.errors import ConfigError
+from moesaic.model import native
 from moesaic.model.ffn import DenseFFN, TokenMeta
 from moesaic.model.moe import MoE
 from moesaic.train.malloc import retain_freed_memory
@@ -61,9 +62,9 @@ SHAPES = {
     "fine": Shape("fine", 64, 8, 64, 256, 2048),
     "large": Shape("large", 64, 8, 64, 256, 16384),
 }
-IMPLS = ("dense", "moesaic", "moesaic-grouped", "moesaic-padded", "moesaic-split", "hf-eager",
-         "hf-grouped", "split-loop", "one-hot")  # fmt: skip
-MOESAIC_BACKENDS = {"moesaic": "auto", "moesaic-grouped": "grouped_mm",
+IMPLS = ("dense", "moesaic", "moesaic-native", "moesaic-grouped", "moesaic-padded", "moesaic-split",
+         "hf-eager", "hf-grouped", "split-loop", "one-hot")  # fmt: skip
+MOESAIC_BACKENDS = {"moesaic": "auto", "moesaic-native": "native", "moesaic-grouped": "grouped_mm",
                     "moesaic-padded": "padded", "moesaic-split": "split"}  # fmt: skip
 ONE_HOT_MAX_BYTES = 2**30  # one-hot dispatch/combine tensors larger than this are not run
 
@@ -132,6 +133,8 @@ def build_impls(
             torch.manual_seed(seed + 1)
             out[name] = DenseFFN(shape.dim, shape.top_k * shape.expert_hidden)
             out[name].reset_parameters(0.02, 0.02)
+        elif name == "moesaic-native" and not (device.type == "cpu" and native.available()):
+            continue  # the C++ kernel is CPU-only and may not build here
         elif name in MOESAIC_BACKENDS:
             out[name] = build_moe(shape, MOESAIC_BACKENDS[name], seed)
         elif name.startswith("hf-"):
@@ -302,11 +305,17 @@ def _why_absent(name: str, shape: Shape, dtype: torch.dtype) -> str:
         size = peers.OneHotMoE.memory_bytes(shape.tokens, shape.experts, shape.top_k,
                                             torch.finfo(dtype).bits // 8)  # fmt: skip
         return f"one-hot dispatch/combine tensors need {size / 2**30:.1f} GiB"
+    if name == "moesaic-native":
+        try:
+            native.load()
+        except native.NativeUnavailable as e:
+            return str(e)
+        return "the C++ expert kernel runs on CPU only"
     return "not available"
 
 
 def moesaic_path(moe: MoE, x_TD: Tensor, meta: TokenMeta) -> str:
-    """Which expert path the layer takes on this input: padded, grouped_mm or split."""
+    """Which expert path the layer takes on this input: padded, native, grouped_mm or split."""
     from moesaic.model.dispatch import sort_by_expert
 
     with torch.no_grad():
@@ -314,7 +323,7 @@ def moesaic_path(moe: MoE, x_TD: Tensor, meta: TokenMeta) -> str:
         routing = sort_by_expert(expert_TK, moe.num_experts)
         if moe.experts.padded_capacity(x_TD, routing) is not None:
             return "padded"
-        return "grouped_mm" if moe.experts.use_grouped_mm(x_TD) else "split"
+        return moe.experts.path(x_TD)
 
 
 def run(args: argparse.Namespace) -> int:

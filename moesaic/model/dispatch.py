@@ -2,10 +2,12 @@
 
 Every token picks `k` experts. The `T·k` (token, expert) assignments are sorted by expert with
 a stable argsort, so each expert's rows are contiguous in a `[S, D]` buffer (`S = T·k`), and
-the rows of one expert keep token order. All experts then run as one grouped matmul over those
-contiguous groups (`torch._grouped_mm`), or as a loop over `torch.split` chunks where grouped
-matmul is unavailable. Gates scale each row in fp32, and the k rows of each token are summed
-back in fp32 in a fixed order with no atomics, so the result is deterministic on every device.
+the rows of one expert keep token order. All experts then run over those contiguous groups: on
+CPU in moesaic's C++ kernel (`native.py`, one whole expert per thread), else as one grouped
+matmul (`torch._grouped_mm`), padded into one batched matmul, or as a loop over `torch.split`
+chunks where grouped matmul is unavailable. Gates scale each row in fp32, and the k rows of each
+token are summed back in fp32 in a fixed order with no atomics, so the result is deterministic
+on every device.
 
 The expert computation sits behind one function boundary, `Experts.forward(x_SD, counts_E,
 scale_S)`, which takes rows already sorted by expert, the number of rows per expert and the
@@ -23,8 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moesaic.errors import ConfigError
+from moesaic.model import native
 
-BACKENDS = ("auto", "grouped_mm", "split", "padded")
+BACKENDS = ("auto", "native", "grouped_mm", "split", "padded")
+# `auto` on CPU runs the C++ expert kernel (`native.py`: one whole expert per thread) when it
+# builds; the rules below choose among the PyTorch paths when it does not, and on other devices.
 # `auto` on a multi-threaded CPU pads the experts to a common capacity and runs one batched
 # matmul per product (`torch.bmm`, which hands the experts to the threads whole) instead of
 # grouped matmul (one matmul per expert, each split across the threads), when that adds at most
@@ -337,6 +342,8 @@ class Experts(nn.Module):
                 "model.ffn.dispatch='grouped_mm' needs torch._grouped_mm (torch "
                 f"{torch.__version__} lacks it); use model.ffn.dispatch=auto"
             )
+        if backend == "native":
+            native.require()
         self.num_experts, self.dim, self.hidden, self.backend = num_experts, dim, hidden, backend
         self.w_gate_up_EDH = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w_down_EHD = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -353,6 +360,21 @@ class Experts(nn.Module):
             return x_SD.to(dtype), w1.to(dtype), w2.to(dtype)
         return x_SD, w1, w2
 
+    def use_native(self, x: Tensor, w1: Tensor, w2: Tensor) -> bool:
+        """The C++ kernel: always for `native` (CPU only), for `auto` on CPU when it builds.
+        Takes the operands as `_weights` returns them."""
+        if self.backend not in ("auto", "native"):
+            return False
+        ok = native.supports(x, w1, w2)
+        if self.backend == "native":
+            if not ok:
+                raise ConfigError(
+                    f"model.ffn.dispatch='native' runs on CPU only (got {x.device}); "
+                    "use model.ffn.dispatch=auto"
+                )
+            return True
+        return ok and native.available()
+
     def use_grouped_mm(self, x_SD: Tensor) -> bool:
         if self.backend == "split":
             return False
@@ -366,12 +388,19 @@ class Experts(nn.Module):
             )
         return ok
 
+    def path(self, x_SD: Tensor) -> str:
+        """The expert path `forward` takes for these rows: native, grouped_mm or split."""
+        if self.use_native(*self._weights(x_SD)):
+            return "native"
+        return "grouped_mm" if self.use_grouped_mm(x_SD) else "split"
+
     def forward(self, x_SD: Tensor, counts_E: Tensor, scale_S: Tensor | None = None) -> Tensor:
         """[S, D] rows sorted by expert -> [S, D]; `scale_S` (fp32 gates) multiplies each row's
         SwiGLU activation before the down projection (the same as scaling the output)."""
-        grouped = self.use_grouped_mm(x_SD)
         x, w1, w2 = self._weights(x_SD)
-        if grouped:
+        if self.use_native(x, w1, w2):
+            return native.experts(x, w1, w2, counts_E, scale_S)
+        if self.use_grouped_mm(x_SD):
             offsets = counts_E.cumsum(0).to(torch.int32)
             h = swiglu(grouped_matmul(x, w1, offsets), scale_S)
             return grouped_matmul(h, w2, offsets)
@@ -387,6 +416,8 @@ class Experts(nn.Module):
         when `auto` takes it.
         """
         if self.backend not in ("auto", "padded") or x_TD.device.type != "cpu":
+            return None
+        if self.backend == "auto" and self.use_native(*self._weights(x_TD)):
             return None
         rows, E = routing.order_S.numel(), self.num_experts
         if rows == 0:

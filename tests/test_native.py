@@ -1,0 +1,178 @@
+"""The CPU expert kernel: equal to the PyTorch paths in every scheduling case, exact gradients,
+and a clear fallback or error when it cannot be built."""
+
+import warnings
+
+import pytest
+import torch
+
+from moesaic.errors import ConfigError
+from moesaic.model import native
+from moesaic.model.dispatch import Experts, dispatch
+
+needs_compiler = pytest.mark.skipif(
+    not native.compiler_found(), reason="no C++ compiler to build the kernel with"
+)
+
+
+@pytest.fixture
+def threads():
+    """Run a test at a given torch thread count (the suite runs single-threaded)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def experts(E, D, H, backend, dtype=torch.float32):
+    torch.manual_seed(0)
+    ex = Experts(E, D, H, backend)
+    ex.reset_parameters(0.3, 0.3)
+    return ex.to(dtype)
+
+
+def rows_and_counts(counts, D, dtype=torch.float32, seed=1):
+    counts_E = torch.tensor(counts, dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(int(counts_E.sum()), D, generator=g).to(dtype)
+    scale = torch.rand(x.shape[0], generator=g, dtype=torch.float32)
+    return x, counts_E, scale.to(torch.promote_types(dtype, torch.float32))
+
+
+def forward_backward(ex, x, counts_E, scale):
+    x = x.clone().requires_grad_(True)
+    scale = None if scale is None else scale.clone().requires_grad_(True)
+    y = ex(x, counts_E, scale)
+    g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    (y * g).sum().backward()
+    grads = [x.grad, ex.w_gate_up_EDH.grad, ex.w_down_EHD.grad]
+    grads.append(None if scale is None else scale.grad)
+    for p in ex.parameters():
+        p.grad = None
+    return [y.detach(), *grads]
+
+
+# Scheduling cases at 2 threads: every expert in the per-thread region (8 balanced experts);
+# one expert over a thread's fair share (run with all threads) next to small ones in the region;
+# too few experts for the region (all run with all threads); experts without rows.
+COUNTS = {
+    "region": [9, 7, 8, 8, 6, 10, 8, 8],
+    "big-and-region": [40, 3, 5, 4, 6, 2, 5, 3, 4, 0],
+    "too-few": [13, 11],
+    "empty": [0, 12, 0, 0, 9, 0],
+}
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", list(COUNTS))
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_native_equals_split_loop(case, scaled, num_threads, threads):
+    threads(num_threads)
+    counts = COUNTS[case]
+    D, H = 16, 12
+    x, counts_E, scale = rows_and_counts(counts, D)
+    scale = scale if scaled else None
+    got = forward_backward(experts(len(counts), D, H, "native"), x, counts_E, scale)
+    want = forward_backward(experts(len(counts), D, H, "split"), x, counts_E, scale)
+    for a, b in zip(got, want, strict=True):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    dw1 = got[2]
+    for e, n in enumerate(counts):
+        assert (dw1[e].abs().sum() == 0) == (n == 0)
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", ["region", "big-and-region"])
+def test_native_gradcheck(case, threads):
+    """Exact float64 gradients of rows, both weights and the row scales, in the per-thread
+    region (where worker threads must not record autograd history)."""
+    threads(2)
+    counts = COUNTS[case]
+    D, H = 5, 3
+    ex = experts(len(counts), D, H, "native", torch.float64)
+    x, counts_E, scale = rows_and_counts(counts, D, torch.float64)
+    w1, w2 = (p.detach().clone().requires_grad_(True) for p in ex.parameters())
+    x.requires_grad_(True)
+    scale.requires_grad_(True)
+
+    def f(x, w1, w2, scale):
+        return native.experts(x, w1, w2, counts_E, scale)
+
+    assert torch.autograd.gradcheck(f, (x, w1, w2, scale))
+    assert torch.autograd.gradcheck(lambda x, w1, w2: f(x, w1, w2, None), (x, w1, w2))
+
+
+@needs_compiler
+def test_native_bf16_autocast_matches_grouped(threads):
+    threads(2)
+    E, D, H, T, k = 8, 32, 32, 64, 2
+    expert_TK = torch.arange(T * k).remainder(E).view(T, k)
+    gate_TK = torch.rand(T, k, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(4))
+    out = {}
+    for backend in ("native", "grouped_mm"):
+        ex = experts(E, D, H, backend)
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = dispatch(xx, expert_TK, gate_TK, ex)
+        y.float().square().sum().backward()
+        out[backend] = (y.float(), xx.grad, ex.w_gate_up_EDH.grad)
+    for a, b in zip(out["native"], out["grouped_mm"], strict=True):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+def test_turned_off_auto_uses_pytorch_paths_and_native_is_refused(monkeypatch):
+    monkeypatch.setenv("MOESAIC_NATIVE", "0")
+    x = torch.randn(4, 16)
+    assert experts(4, 16, 8, "auto").path(x) == "grouped_mm"
+    with pytest.raises(ConfigError, match=r"dispatch='native'.*MOESAIC_NATIVE=0.*dispatch=auto"):
+        Experts(4, 16, 8, "native")
+
+
+def test_failed_build_falls_back_once_with_a_one_line_reason(monkeypatch):
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("Error building extension 'moesaic_experts'\nc++: not found\n...")
+
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    native._warn_once.cache_clear()
+    ex = experts(4, 16, 8, "auto")
+    x = torch.randn(6, 16)
+    with pytest.warns(
+        RuntimeWarning, match=r"cannot build the CPU expert kernel: c\+\+: not found; using"
+    ):
+        assert ex.path(x) == "grouped_mm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        assert ex.path(x) == "grouped_mm"
+        y = ex(x, torch.tensor([2, 0, 3, 1]))
+    assert torch.isfinite(y).all() and len(calls) == 1  # built once per process
+    with pytest.raises(ConfigError) as info:
+        Experts(4, 16, 8, "native")
+    assert "\n" not in str(info.value) and "c++: not found" in str(info.value)
+    native._warn_once.cache_clear()
+
+
+@needs_compiler
+def test_native_refuses_other_devices():
+    ex = experts(2, 8, 4, "native")
+    x, w1, w2 = (t.detach().to("meta") for t in (torch.empty(3, 8), *ex.parameters()))
+    with pytest.raises(ConfigError, match="runs on CPU only"):
+        ex.use_native(x, w1, w2)
+    assert not experts(2, 8, 4, "auto").use_native(x, w1, w2)
+
+
+@needs_compiler
+def test_kernel_checks_counts():
+    ex = experts(3, 8, 4, "native")
+    with pytest.raises(RuntimeError, match="do not sum"):
+        ex(torch.randn(5, 8), torch.tensor([1, 2, 1]))
