@@ -54,6 +54,20 @@ def run(ex, x, expert_TK, gate_TK):
     return y.detach(), grads
 
 
+def assert_same(got, want, tol=1e-6):
+    """Outputs and gradients of two `run`s agree."""
+    (y, grads), (y_want, grads_want) = got, want
+    torch.testing.assert_close(y, y_want, atol=tol, rtol=tol)
+    for a, b in zip(grads, grads_want, strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def assert_all_equal_split(results):
+    """Every backend's `run` agrees with the split loop's."""
+    for backend in results.keys() - {"split"}:
+        assert_same(results[backend], results["split"])
+
+
 def routing(T, E, k, seed, skew=False):
     g = torch.Generator().manual_seed(seed)
     if skew:  # most tokens pick from the first two experts; some experts get nothing
@@ -77,12 +91,8 @@ def test_backends_equal_each_other_and_reference(skew, H):
         ex = make(E, D, H, backend)
         assert ex.path(x) == backend
         results[backend] = run(ex, x, expert_TK, gate_TK)
+    assert_all_equal_split(results)
     ys, gs = results["split"]
-    for backend in results.keys() - {"split"}:
-        y, grads = results[backend]
-        torch.testing.assert_close(y, ys, atol=1e-6, rtol=1e-6)
-        for a, b in zip(grads, gs, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     # the plain reference, with autograd through the loop
     ex = make(E, D, H, "split")
     xr = x.clone().requires_grad_(True)
@@ -181,12 +191,8 @@ def test_dispatch_property(T, E, k_frac, skew, seed, H):
     D = 8
     x = torch.randn(T, D, generator=g)
     out = {b: run(make(E, D, H, b, seed), x, expert_TK, gate_TK) for b in HERE}
-    ys, gs = out["split"]
-    for backend in out.keys() - {"split"}:
-        y, grads = out[backend]
-        torch.testing.assert_close(y, ys, atol=1e-6, rtol=1e-6)
-        for a, b in zip(grads, gs, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_all_equal_split(out)
+    ys, _ = out["split"]
     ref = reference_moe(x, expert_TK, gate_TK, make(E, D, H, "split", seed))
     torch.testing.assert_close(ys, ref.detach(), atol=1e-5, rtol=1e-5)
 
@@ -234,10 +240,7 @@ def test_gate_placements_agree(monkeypatch):
     for in_combine in (False, True):
         monkeypatch.setattr(d, "gates_in_combine", lambda experts, v=in_combine: v)
         out[in_combine] = run(make(E, D, H, "grouped_mm"), x, expert_TK, gate_TK)
-    (ya, ga), (yb, gb) = out[False], out[True]
-    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
-    for a, b in zip(ga, gb, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_same(out[False], out[True], tol=1e-5)
 
 
 def test_gates_in_combine_picks_the_narrower_side():
@@ -280,10 +283,7 @@ def test_padded_backend_equals_grouped_and_reference(skew, gated):
     capacity = padded.padded_capacity(x, sort(expert_TK, E))
     assert capacity == int(torch.bincount(expert_TK.flatten(), minlength=E).max())
     yp, gp = run(padded, x, expert_TK, gate_TK)
-    yg, gg = run(make(E, D, H, "grouped_mm"), x, expert_TK, gate_TK)
-    torch.testing.assert_close(yp, yg, atol=1e-6, rtol=1e-6)
-    for a, b in zip(gp, gg, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert_same((yp, gp), run(make(E, D, H, "grouped_mm"), x, expert_TK, gate_TK))
     ref = reference_moe(x, expert_TK, gate_TK, make(E, D, H, "split"))
     torch.testing.assert_close(yp, ref.detach(), atol=1e-5, rtol=1e-5)
 
