@@ -180,3 +180,21 @@ def test_kernel_checks_counts():
     ex = experts(3, 8, 4, "native")
     with pytest.raises(RuntimeError, match="do not sum"):
         ex(torch.randn(5, 8), torch.tensor([1, 2, 1]))
+
+
+@needs_compiler
+@pytest.mark.parametrize("counts", [[5, 0, 7], [0, 0, 0]])
+def test_expert_parallel_local_experts_take_the_kernel(counts, monkeypatch):
+    """A rank's local experts (possibly without rows) run on the kernel and equal the loop."""
+    from moesaic.train import expert_parallel
+
+    ex = experts(len(counts), 8, 4, "split")
+    x, counts_E, scale = rows_and_counts(counts, 8)
+    w1, w2 = ex.w_gate_up_EDH, ex.w_down_EHD
+    calls = []
+    real = native.experts
+    monkeypatch.setattr(native, "experts", lambda *a: calls.append(1) or real(*a))
+    got = expert_parallel.local_experts(x, counts_E, scale, w1, w2, "auto")
+    want = expert_parallel.local_experts(x, counts_E, scale, w1, w2, "split")
+    assert calls == [1] and got.shape == (sum(counts), 8)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
