@@ -361,19 +361,8 @@ class Experts(nn.Module):
         return x_SD, w1, w2
 
     def use_native(self, x: Tensor, w1: Tensor, w2: Tensor) -> bool:
-        """The C++ kernel: always for `native` (CPU only), for `auto` on CPU when it builds.
-        Takes the operands as `_weights` returns them."""
-        if self.backend not in ("auto", "native"):
-            return False
-        ok = native.supports(x, w1, w2)
-        if self.backend == "native":
-            if not ok:
-                raise ConfigError(
-                    f"model.ffn.dispatch='native' runs on CPU only (got {x.device}); "
-                    "use model.ffn.dispatch=auto"
-                )
-            return True
-        return ok and native.available()
+        """The C++ kernel (see `native.chosen`), on the operands as `_weights` returns them."""
+        return native.chosen(self.backend, x, w1, w2)
 
     def use_grouped_mm(self, x_SD: Tensor) -> bool:
         if self.backend == "split":

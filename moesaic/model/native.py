@@ -103,7 +103,7 @@ def _build() -> ModuleType:
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob(f"{NAME}*.so")):
         print(
-            "moesaic: compiling the CPU expert kernel (once per torch version, about a minute)",
+            "moesaic: compiling the CPU expert kernel (once per torch version, about 40 s)",
             file=sys.stderr,
             flush=True,
         )
@@ -157,6 +157,20 @@ def supports(x: Tensor, *weights: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == x.dtype for t in tensors) and (
         x.dtype.is_floating_point
     )
+
+
+def chosen(backend: str, x: Tensor, *weights: Tensor) -> bool:
+    """Whether a `model.ffn.dispatch` backend runs these operands on the kernel: always for
+    `native` (a one-line ConfigError off CPU), for `auto` on CPU when the kernel builds."""
+    if backend not in ("auto", "native"):
+        return False
+    ok = supports(x, *weights)
+    if backend == "native" and not ok:
+        raise ConfigError(
+            f"model.ffn.dispatch='native' runs on CPU only (got {x.device}); "
+            "use model.ffn.dispatch=auto"
+        )
+    return ok and (backend == "native" or available())
 
 
 class _NativeExperts(torch.autograd.Function):

@@ -78,8 +78,7 @@ def local_experts(
     if torch.is_autocast_enabled(x_SD.device.type):
         dtype = torch.get_autocast_dtype(x_SD.device.type)
         x_SD, w1_LDH, w2_LHD = x_SD.to(dtype), w1_LDH.to(dtype), w2_LHD.to(dtype)
-    wanted = backend in ("auto", "native") and native.supports(x_SD, w1_LDH, w2_LHD)
-    if wanted and (backend == "native" or native.available()):  # CPU: as on one process
+    if native.chosen(backend, x_SD, w1_LDH, w2_LHD):  # CPU: as on one process
         return native.experts(x_SD, w1_LDH, w2_LHD, counts_L, scale_S)
     grouped = (
         backend != "split" and x_SD.shape[0] > 0 and grouped_mm_supported(x_SD, w1_LDH, w2_LHD)
