@@ -198,3 +198,117 @@ def test_expert_parallel_local_experts_take_the_kernel(counts, monkeypatch):
     want = expert_parallel.local_experts(x, counts_E, scale, w1, w2, "split")
     assert calls == [1] and got.shape == (sum(counts), 8)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def token_order(counts, D, k=2, seed=5):
+    """Tokens [T, D] and the token of each sorted row (experts' rows in token order), for
+    the kernel's token-order inputs; S = T·k rows as `counts` says."""
+    S = sum(counts)
+    g = torch.Generator().manual_seed(seed)
+    T = max(1, S // k)
+    x_TD = torch.randn(T, D, generator=g)
+    token_S = torch.randint(0, T, (S,), generator=g)
+    return x_TD, token_S
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", list(COUNTS))
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_token_order_inputs_equal_gathered_inputs(case, scaled, num_threads, threads):
+    """Rows copied inside the kernel (`rows`, `x_rows`, `dy_rows`) give exactly what rows
+    gathered beforehand give, forward and backward, with fp32 tokens cast to bf16 weights too."""
+    threads(num_threads)
+    ext = native.load()
+    counts = COUNTS[case]
+    D, H = 16, 12
+    counts_E = torch.tensor(counts)
+    x_TD, token_S = token_order(counts, D)
+    dy_TD = torch.randn_like(x_TD)
+    _, _, scale = rows_and_counts(counts, D)
+    scale = scale if scaled else None
+    for dtype in (torch.float32, torch.bfloat16):
+        ex = experts(len(counts), D, H, "native")
+        w1, w2 = ex.w_gate_up_EDH.detach().to(dtype), ex.w_down_EHD.detach().to(dtype)
+        x_SD = x_TD[token_S].to(dtype)
+        dy_SD = dy_TD[token_S].to(dtype)
+        y, gu = ext.experts_forward(x_SD, w1, w2, counts_E, scale)
+        y_t, gu_t = ext.experts_forward(x_TD, w1, w2, counts_E, scale, token_S)
+        assert torch.equal(y, y_t) and torch.equal(gu, gu_t) and y_t.dtype == dtype
+        want = ext.experts_backward(dy_SD, x_SD, w1, w2, counts_E, scale, gu)
+        got = ext.experts_backward(dy_TD, x_TD, w1, w2, counts_E, scale, gu, token_S, token_S)
+        for a, b in zip(got, want, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+@needs_compiler
+def test_kernel_checks_token_rows():
+    ext = native.load()
+    ex = experts(2, 8, 4, "native")
+    w1, w2 = ex.w_gate_up_EDH.detach(), ex.w_down_EHD.detach()
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ext.experts_forward(x, w1, w2, torch.tensor([1, 1]), None, torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="do not sum"):
+        ext.experts_forward(x, w1, w2, torch.tensor([1, 2]), None, torch.tensor([0, 2]))
+
+
+@needs_compiler
+@pytest.mark.parametrize("T,k,E", [(50, 3, 7), (1, 1, 1), (0, 2, 4), (40, 8, 64)])
+def test_counting_sort_equals_stable_argsort(T, k, E):
+    from moesaic.model.dispatch import sort_by_expert
+
+    g = torch.Generator().manual_seed(T + k + E)
+    expert_TK = torch.randint(0, max(1, E // 2), (T, k), generator=g)  # some experts get none
+    want = sort_by_expert(expert_TK, E)
+    got = sort_by_expert(expert_TK, E, counting=True)
+    for name in ("order_S", "token_S", "inverse_S", "counts_E", "expert_S"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    with pytest.raises(RuntimeError, match="out of range"):
+        sort_by_expert(torch.full((2, 1), E), E, counting=True)
+
+
+@needs_compiler
+@pytest.mark.parametrize("in_combine", [False, True])
+def test_dispatch_on_the_kernel_in_the_region(in_combine, threads, monkeypatch):
+    """dispatch through the kernel with rows copied per expert, experts spread over 2 threads:
+    equal to the split loop, and exact float64 gradients, with the gates on either side."""
+    import moesaic.model.dispatch as d
+
+    threads(2)
+    monkeypatch.setattr(d, "gates_in_combine", lambda experts: in_combine)
+    T, E, k, D, H = 48, 8, 2, 16, 8
+    g = torch.Generator().manual_seed(7)
+    expert_TK = torch.randn(T, E, generator=g).topk(k, dim=-1).indices
+    gate_TK = torch.rand(T, k, generator=g)
+    x = torch.randn(T, D, generator=g)
+    out = {}
+    for backend in ("native", "split"):
+        ex = experts(E, D, H, backend)
+        xx, gg = x.clone().requires_grad_(True), gate_TK.clone().requires_grad_(True)
+        y = dispatch(xx, expert_TK, gg, ex)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        out[backend] = (y, xx.grad, gg.grad, ex.w_gate_up_EDH.grad, ex.w_down_EHD.grad)
+    for a, b in zip(out["native"], out["split"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    T, D, H = 16, 4, 3
+    expert_TK = torch.arange(T * k).remainder(E).view(T, k)
+    ex = experts(E, D, H, "native", torch.float64)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ex = ex
+
+        def forward(self, x, gate):
+            return d.dispatch(x, expert_TK, gate, self.ex)
+
+    def f(x, gate, w1, w2):
+        params = {"ex.w_gate_up_EDH": w1, "ex.w_down_EHD": w2}
+        return torch.func.functional_call(Layer(), params, (x, gate))
+
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    weights = [p.detach().clone().requires_grad_(True) for p in ex.parameters()]
+    assert torch.autograd.gradcheck(f, (x, gate, *weights))

@@ -5,7 +5,9 @@ a stable argsort, so each expert's rows are contiguous in a `[S, D]` buffer (`S 
 the rows of one expert keep token order. All experts then run over those contiguous groups: on
 CPU in moesaic's C++ kernel (`native.py`, one whole expert per thread), else as one grouped
 matmul (`torch._grouped_mm`), padded into one batched matmul, or as a loop over `torch.split`
-chunks where grouped matmul is unavailable. Gates scale each row in fp32, and the k rows of each
+chunks where grouped matmul is unavailable. (The C++ kernel reads each expert's rows straight
+from the token-order input instead of a gathered [S, D] copy, and sorts by counting; see
+`_dispatch_native`.) Gates scale each row in fp32, and the k rows of each
 token are summed back in fp32 in a fixed order with no atomics, so the result is deterministic
 on every device.
 
@@ -74,9 +76,17 @@ class Routing:
     expert_S: Tensor | None = None  # expert of each sorted row (non-decreasing)
 
 
-def sort_by_expert(expert_TK: Tensor, num_experts: int) -> Routing:
-    """Stable sort of the flattened assignments by expert id; no host synchronisation."""
+def sort_by_expert(expert_TK: Tensor, num_experts: int, counting: bool = False) -> Routing:
+    """Stable sort of the flattened assignments by expert id; no host synchronisation.
+
+    `counting=True` (CPU, the C++ kernel loaded) runs one counting sort in the kernel instead
+    of an argsort, an inverse scatter and a count: the same result, in one pass each way.
+    """
     T, k = expert_TK.shape
+    if counting:
+        sorted_ = native.load().sort_by_expert(expert_TK, num_experts)
+        order, token, inverse, counts, expert_S = sorted_
+        return Routing(order, token, inverse, counts, T, k, expert_S)
     flat = expert_TK.reshape(-1)
     expert_S, order = torch.sort(flat, stable=True)
     inverse = torch.empty_like(order)
@@ -210,6 +220,51 @@ class _GatedSum(torch.autograd.Function):
             grad_gate = grad_gate_N.index_select(0, rows.inverse_F)
         grad_y = g_ND.mul_(gate_N.unsqueeze(-1)).to(y_ND.dtype)
         return grad_y, grad_gate, None, None
+
+
+class _NativeGathered(torch.autograd.Function):
+    """y_SD = experts(x_TD[token_S]) on the CPU kernel, which copies each expert's rows itself
+    (`csrc/experts.cpp`); the backward sums each token's rows of dx (`_sum_rows`)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, w1: Tensor, w2: Tensor, counts_E: Tensor, rows: _Rows) -> Tensor:
+        y_SD, gate_up = native.load().experts_forward(x_TD, w1, w2, counts_E, None, rows.gather_N)
+        ctx.rows = rows
+        ctx.save_for_backward(x_TD, w1, w2, counts_E, gate_up)
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, g_SD: Tensor):
+        x_TD, w1, w2, counts_E, gate_up = ctx.saved_tensors
+        token_S = ctx.rows.gather_N
+        dx_SD, dw1, dw2, _ = native.load().experts_backward(
+            g_SD.contiguous(), x_TD, w1, w2, counts_E, None, gate_up, x_rows=token_S
+        )
+        return _sum_rows(dx_SD, ctx.rows).to(x_TD.dtype), dw1, dw2, None, None
+
+
+class _NativeSummed(torch.autograd.Function):
+    """y_TD = Σ of each token's rows of experts(x_TD[token_S]) · scale_S, in fp32, on the CPU
+    kernel: the gather, the experts and the sum in one function, so that the backward's
+    gradient rows are also copied per expert inside the kernel rather than gathered to [S, D]."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w1, w2, counts_E, scale_S, rows: _Rows) -> Tensor:
+        ext = native.load()
+        y_SD, gate_up = ext.experts_forward(x_TD, w1, w2, counts_E, scale_S, rows.gather_N)
+        ctx.rows = rows
+        ctx.save_for_backward(x_TD, w1, w2, counts_E, scale_S, gate_up)
+        return _sum_rows(y_SD, rows)
+
+    @staticmethod
+    def backward(ctx, g_TD: Tensor):
+        x_TD, w1, w2, counts_E, scale_S, gate_up = ctx.saved_tensors
+        token_S = ctx.rows.gather_N
+        dx_SD, dw1, dw2, dscale = native.load().experts_backward(
+            g_TD.contiguous(), x_TD, w1, w2, counts_E, scale_S, gate_up, token_S, token_S
+        )
+        dscale = dscale if ctx.needs_input_grad[4] else None
+        return _sum_rows(dx_SD, ctx.rows).to(x_TD.dtype), dw1, dw2, None, dscale, None
 
 
 def gates_in_combine(experts: nn.Module) -> bool:
@@ -364,6 +419,12 @@ class Experts(nn.Module):
         """The C++ kernel (see `native.chosen`), on the operands as `_weights` returns them."""
         return native.chosen(self.backend, x, w1, w2)
 
+    def native_weights(self, x_TD: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The weights (autocast dtype) when these tokens run on the C++ kernel, else None.
+        The kernel casts x's rows itself as it copies them, so x keeps its dtype."""
+        x, w1, w2 = self._weights(x_TD[:0])
+        return (w1, w2) if self.use_native(x, w1, w2) else None
+
     def use_grouped_mm(self, x_SD: Tensor) -> bool:
         if self.backend == "split":
             return False
@@ -446,7 +507,10 @@ def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: n
     Under `torch.compile` it runs eagerly: its buffer sizes depend on the routing, and
     `torch._grouped_mm` has no fp32 kernel for the compiler to trace.
     """
-    routing = sort_by_expert(expert_TK, experts.num_experts)
+    weights = experts.native_weights(x_TD) if isinstance(experts, Experts) else None
+    routing = sort_by_expert(expert_TK, experts.num_experts, counting=weights is not None)
+    if weights is not None:
+        return _dispatch_native(x_TD, gate_TK, experts, weights, routing)
     capacity = None
     if isinstance(experts, Experts):
         capacity = experts.padded_capacity(x_TD, routing)
@@ -462,6 +526,24 @@ def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: n
         return _GatedSum.apply(y_SD, gate_F, gate_S, _sorted_rows(routing)).to(x_TD.dtype)
     y_SD = experts(x_SD, routing.counts_E, gate_F.index_select(0, routing.order_S))
     return unpermute_sum(y_SD, routing).to(x_TD.dtype)
+
+
+def _dispatch_native(
+    x_TD: Tensor, gate_TK: Tensor | None, experts: Experts, weights, routing: Routing
+) -> Tensor:
+    """`dispatch` on the CPU kernel, which reads each expert's rows straight from x_TD (and, with
+    the gates scaling activations, the gradient's rows from g_TD): the same products and sums."""
+    w1, w2 = weights
+    rows = _sorted_rows(routing)
+    if gate_TK is not None and gates_in_combine(experts):
+        gate_F = _wide(gate_TK).reshape(-1)
+        gate_S = gate_F.detach().index_select(0, routing.order_S)
+        y_SD = _NativeGathered.apply(x_TD, w1, w2, routing.counts_E, rows)
+        return _GatedSum.apply(y_SD, gate_F, gate_S, rows).to(x_TD.dtype)
+    scale_S = None
+    if gate_TK is not None:
+        scale_S = _wide(gate_TK).reshape(-1).index_select(0, routing.order_S)
+    return _NativeSummed.apply(x_TD, w1, w2, routing.counts_E, scale_S, rows).to(x_TD.dtype)
 
 
 def _dispatch_padded(

@@ -1,13 +1,18 @@
 // SwiGLU experts on rows sorted by expert, on CPU, one expert per thread.
 //
-// Each expert's rows are a contiguous chunk of x. An expert's whole forward (gate/up matmul,
-// SwiGLU, down matmul) or backward runs on one thread, in an OpenMP region over the experts,
-// largest first; the ATen operations inside run single-threaded there (ATen does not nest
-// parallel regions). A matmul's own threads would otherwise split every small per-expert
-// product and meet at a barrier after each; here they run whole experts and meet once. An
-// expert with more rows than a fair share of one thread (rows · threads > all rows) runs
-// outside the region with all threads, as do all experts when there are fewer than two per
+// Each expert's rows are a contiguous chunk of the sorted rows. An expert's whole forward
+// (gate/up matmul, SwiGLU, down matmul) or backward runs on one thread, in an OpenMP region
+// over the experts, largest first; the ATen operations inside run single-threaded there (ATen
+// does not nest parallel regions). A matmul's own threads would otherwise split every small
+// per-expert product and meet at a barrier after each; here they run whole experts and meet
+// once. An expert with more rows than a fair share of one thread (rows · threads > all rows)
+// runs outside the region with all threads, as do all experts when there are fewer than two per
 // thread, so a skewed routing is never serialised onto one thread.
+//
+// Inputs may be given in token order with `rows` (the token of each sorted row): each expert
+// then copies its own rows into a small buffer that stays in cache, instead of the caller
+// writing and re-reading a gathered [S, D] copy (S = tokens · k), which costs memory traffic
+// k times the size of the input.
 //
 // Results do not depend on which thread ran which expert.
 
@@ -16,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -79,23 +85,59 @@ void check_inputs(const Tensor& x, const Tensor& w1, const Tensor& w2) {
   TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w2.dim() == 3, "x [S, D], w1 [E, D, 2H], w2 [E, H, D]");
   TORCH_CHECK(w1.size(1) == x.size(1) && w2.size(2) == x.size(1) && w1.size(2) == 2 * w2.size(1),
               "expert weight shapes do not match");
+  TORCH_CHECK(w2.scalar_type() == w1.scalar_type(), "expert weights must share one dtype");
+}
+
+// The sorted rows of `src` ([S, D] already in expert order, or [T, D] in token order with
+// `rows` [S]): returns a contiguous source and the row count S. Token indices are checked.
+int64_t sorted_row_count(const Tensor& src, const std::optional<Tensor>& rows) {
+  if (!rows) return src.size(0);
+  TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->is_cpu() &&
+                  rows->is_contiguous(),
+              "rows must be a contiguous 1-d int64 CPU tensor");
+  if (rows->numel() > 0) {
+    const auto lo = rows->min().item<int64_t>(), hi = rows->max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < src.size(0), "row index out of range");
+  }
+  return rows->size(0);
+}
+
+// Rows first..first+n of the sorted order as a contiguous [n, D] tensor of `dtype`: a view of
+// src when it is already sorted and of that dtype, else copied row by row from token order.
+Tensor sorted_rows(const Tensor& src, const std::optional<Tensor>& rows, int64_t first, int64_t n,
+                   at::ScalarType dtype) {
+  if (!rows) return src.narrow(0, first, n).to(dtype);
+  if (src.scalar_type() != dtype) {
+    return at::index_select(src, 0, rows->narrow(0, first, n)).to(dtype);
+  }
+  const int64_t bytes = src.size(1) * src.element_size();
+  auto out = at::empty({n, src.size(1)}, src.options());
+  const auto* token = rows->data_ptr<int64_t>() + first;
+  const auto* from = static_cast<const char*>(src.data_ptr());
+  auto* to = static_cast<char*>(out.data_ptr());
+  for (int64_t i = 0; i < n; i++) std::memcpy(to + i * bytes, from + token[i] * bytes, bytes);
+  return out;
 }
 
 }  // namespace
 
-// y = (silu(x w1_gate) · x w1_up [· scale]) w2, per expert. Returns {y [S, D], gate_up [S, 2H]}.
+// y = (silu(x w1_gate) · x w1_up [· scale]) w2, per expert, in the weights' dtype. x is [S, D]
+// sorted by expert, or [T, D] in token order with `rows`. Returns {y [S, D], gate_up [S, 2H]}.
 std::vector<Tensor> experts_forward(const Tensor& x_in, const Tensor& w1, const Tensor& w2,
-                                    const Tensor& counts, const std::optional<Tensor>& scale) {
+                                    const Tensor& counts, const std::optional<Tensor>& scale,
+                                    const std::optional<Tensor>& rows) {
   check_inputs(x_in, w1, w2);
   const auto start = row_starts(counts);
-  TORCH_CHECK(start.back() == x_in.size(0), "expert counts do not sum to the number of rows");
   const auto x = x_in.contiguous();
-  const int64_t S = x.size(0), D = x.size(1), H = w2.size(1);
-  auto y = at::empty({S, D}, x.options());
-  auto gate_up = at::empty({S, 2 * H}, x.options());
+  const int64_t S = sorted_row_count(x, rows), D = x.size(1), H = w2.size(1);
+  TORCH_CHECK(start.back() == S, "expert counts do not sum to the number of rows");
+  const auto dtype = w1.scalar_type();
+  const auto options = x.options().dtype(dtype);
+  auto y = at::empty({S, D}, options);
+  auto gate_up = at::empty({S, 2 * H}, options);
   for_each_expert(start, [&](int64_t e, int64_t first, int64_t n) {
     auto gu = gate_up.narrow(0, first, n);
-    at::mm_out(gu, x.narrow(0, first, n), w1[e]);
+    at::mm_out(gu, sorted_rows(x, rows, first, n, dtype), w1[e]);
     auto act = at::silu(gu.narrow(1, 0, H)).mul_(gu.narrow(1, H, H));
     if (scale) act = scaled(act, scale->narrow(0, first, n));
     auto y_e = y.narrow(0, first, n);
@@ -104,24 +146,33 @@ std::vector<Tensor> experts_forward(const Tensor& x_in, const Tensor& w1, const 
   return {y, gate_up};
 }
 
-// Gradients of experts_forward: {dx, dw1, dw2, dscale (undefined without scale)}.
+// Gradients of experts_forward: {dx [S, D] sorted, in the weights' dtype, dw1, dw2, dscale
+// (undefined without scale)}. x and dy are each sorted [S, D], or in token order with `x_rows`
+// / `dy_rows`.
 std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, const Tensor& w1,
                                      const Tensor& w2, const Tensor& counts,
-                                     const std::optional<Tensor>& scale, const Tensor& gate_up) {
+                                     const std::optional<Tensor>& scale, const Tensor& gate_up,
+                                     const std::optional<Tensor>& x_rows,
+                                     const std::optional<Tensor>& dy_rows) {
   check_inputs(x_in, w1, w2);
   const auto start = row_starts(counts);
   const auto x = x_in.contiguous(), dy = dy_in.contiguous();
-  const int64_t S = x.size(0), H = w2.size(1);
-  auto dx = at::empty_like(x);
+  const int64_t S = gate_up.size(0), H = w2.size(1);
+  TORCH_CHECK(start.back() == S && sorted_row_count(x, x_rows) == S &&
+                  sorted_row_count(dy, dy_rows) == S && dy.dim() == 2 && dy.size(1) == x.size(1),
+              "expert counts, inputs and gradients disagree on the number of rows");
+  const auto dtype = w1.scalar_type();
+  auto dx = at::empty({S, x.size(1)}, x.options().dtype(dtype));
   auto dw1 = at::zeros_like(w1);  // experts without rows get zero gradients
   auto dw2 = at::zeros_like(w2);
-  auto dgate_up = at::empty({S, 2 * H}, x.options());
+  auto dgate_up = at::empty({S, 2 * H}, x.options().dtype(dtype));
   Tensor dscale;
   if (scale) dscale = at::empty({S}, scale->options());
   for_each_expert(start, [&](int64_t e, int64_t first, int64_t n) {
     const auto gu = gate_up.narrow(0, first, n);
     const auto gate = gu.narrow(1, 0, H), up = gu.narrow(1, H, H);
-    const auto x_e = x.narrow(0, first, n), dy_e = dy.narrow(0, first, n);
+    const auto x_e = sorted_rows(x, x_rows, first, n, dtype);
+    const auto dy_e = sorted_rows(dy, dy_rows, first, n, dtype);
     const auto silu = at::silu(gate);
     const auto act = silu * up;
     auto dact = at::mm(dy_e, w2[e].t());
@@ -146,8 +197,45 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
   return {dx, dw1, dw2, dscale};
 }
 
+// A stable counting sort of the flattened assignments [T, k] by expert id (E buckets, one pass
+// each way): {order, token, inverse, counts, expert_sorted}, the same as a stable argsort.
+std::vector<Tensor> sort_by_expert(const Tensor& expert_in, int64_t num_experts) {
+  TORCH_CHECK(expert_in.dim() == 2 && expert_in.scalar_type() == at::kLong && expert_in.is_cpu(),
+              "expert ids must be a [T, k] int64 CPU tensor");
+  const auto expert = expert_in.contiguous();
+  const int64_t S = expert.numel(), k = std::max<int64_t>(expert.size(1), 1);
+  const auto* id = expert.data_ptr<int64_t>();
+  const auto options = expert.options();
+  auto counts = at::zeros({num_experts}, options);
+  auto* count = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < S; i++) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < num_experts, "expert id ", id[i], " out of range");
+    count[id[i]]++;
+  }
+  std::vector<int64_t> next(num_experts, 0);
+  for (int64_t e = 1; e < num_experts; e++) next[e] = next[e - 1] + count[e - 1];
+  auto order = at::empty({S}, options), token = at::empty({S}, options);
+  auto inverse = at::empty({S}, options), sorted = at::empty({S}, options);
+  auto *o = order.data_ptr<int64_t>(), *t = token.data_ptr<int64_t>();
+  auto *inv = inverse.data_ptr<int64_t>(), *srt = sorted.data_ptr<int64_t>();
+  for (int64_t i = 0; i < S; i++) {
+    const int64_t r = next[id[i]]++;
+    o[r] = i;
+    t[r] = i / k;
+    inv[i] = r;
+    srt[r] = id[i];
+  }
+  return {order, token, inverse, counts, sorted};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.def("experts_forward", &experts_forward, py::call_guard<py::gil_scoped_release>());
-  m.def("experts_backward", &experts_backward, py::call_guard<py::gil_scoped_release>());
+  m.def("experts_forward", &experts_forward, py::arg("x"), py::arg("w1"), py::arg("w2"),
+        py::arg("counts"), py::arg("scale") = py::none(), py::arg("rows") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("experts_backward", &experts_backward, py::arg("dy"), py::arg("x"), py::arg("w1"),
+        py::arg("w2"), py::arg("counts"), py::arg("scale"), py::arg("gate_up"),
+        py::arg("x_rows") = py::none(), py::arg("dy_rows") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sort_by_expert", &sort_by_expert, py::call_guard<py::gil_scoped_release>());
 }
