@@ -163,9 +163,14 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
               "expert counts, inputs and gradients disagree on the number of rows");
   const auto dtype = w1.scalar_type();
   auto dx = at::empty({S, x.size(1)}, x.options().dtype(dtype));
-  auto dw1 = at::zeros_like(w1);  // experts without rows get zero gradients
-  auto dw2 = at::zeros_like(w2);
-  auto dgate_up = at::empty({S, 2 * H}, x.options().dtype(dtype));
+  // Each expert with rows writes its own weight gradients; only the others need zeros.
+  auto dw1 = at::empty_like(w1), dw2 = at::empty_like(w2);
+  for (int64_t e = 0; e + 1 < static_cast<int64_t>(start.size()); e++) {
+    if (start[e + 1] == start[e]) {
+      dw1[e].zero_();
+      dw2[e].zero_();
+    }
+  }
   Tensor dscale;
   if (scale) dscale = at::empty({S}, scale->options());
   for_each_expert(start, [&](int64_t e, int64_t first, int64_t n) {
@@ -187,7 +192,7 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
     } else {
       at::mm_out(dw2_e, act.t(), dy_e);
     }
-    auto dgu = dgate_up.narrow(0, first, n);
+    auto dgu = at::empty({n, 2 * H}, gate_up.options());  // per expert: stays in cache
     auto dgate = dgu.narrow(1, 0, H), dup = dgu.narrow(1, H, H);
     at::mul_out(dup, dact, silu);
     at::silu_backward_out(dgate, dact * up, gate);
