@@ -276,7 +276,7 @@ def test_dispatch_on_the_kernel_in_the_region(in_combine, threads, monkeypatch):
     import moesaic.model.dispatch as d
 
     threads(2)
-    monkeypatch.setattr(d, "gates_in_combine", lambda experts: in_combine)
+    monkeypatch.setattr(d, "gates_in_combine", lambda experts, native=False: in_combine)
     T, E, k, D, H = 48, 8, 2, 16, 8
     g = torch.Generator().manual_seed(7)
     expert_TK = torch.randn(T, E, generator=g).topk(k, dim=-1).indices
