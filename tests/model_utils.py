@@ -142,3 +142,27 @@ def random_batch(
     )
     batch.validate()
     return batch
+
+
+def dispatch_gradcheck(experts: torch.nn.Module, expert_TK: torch.Tensor, dim: int) -> bool:
+    """`torch.autograd.gradcheck` of `dispatch` through float64 `experts`, with respect to random
+    tokens [T, dim], gates [T, k] and both expert weights."""
+    from moesaic.model import dispatch as d
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ex = experts
+
+        def forward(self, x, gate):
+            return d.dispatch(x, expert_TK, gate, self.ex)
+
+    def f(x, gate, w1, w2):
+        params = {"ex.w_gate_up_EDH": w1, "ex.w_down_EHD": w2}
+        return torch.func.functional_call(Layer(), params, (x, gate))
+
+    T, k = expert_TK.shape
+    x = torch.randn(T, dim, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    weights = [p.detach().clone().requires_grad_(True) for p in experts.parameters()]
+    return torch.autograd.gradcheck(f, (x, gate, *weights))

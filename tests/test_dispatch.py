@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
+from model_utils import dispatch_gradcheck
 
 from moesaic.errors import ConfigError
 from moesaic.model import native
@@ -209,26 +210,9 @@ def test_gate_placement_gradcheck(backend, in_combine, bags, monkeypatch):
 
     monkeypatch.setattr(d, "gates_in_combine", lambda experts, native=False: in_combine)
     monkeypatch.setattr(d, "_bag_sums", lambda t: bags)
-    T, E, k, D, H = 7, 3, 2, 4, 3
+    E, D, H = 3, 4, 3
     expert_TK = torch.tensor([[0, 1], [1, 0], [0, 2], [0, 1], [2, 0], [1, 2], [0, 1]])
-    ex = make(E, D, H, backend).double()
-    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
-    gate = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
-
-    class Layer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ex = ex
-
-        def forward(self, x, gate):
-            return d.dispatch(x, expert_TK, gate, self.ex)
-
-    def f(x, gate, w1, w2):
-        params = {"ex.w_gate_up_EDH": w1, "ex.w_down_EHD": w2}
-        return torch.func.functional_call(Layer(), params, (x, gate))
-
-    weights = [p.detach().clone().requires_grad_(True) for p in ex.parameters()]
-    assert torch.autograd.gradcheck(f, (x, gate, *weights))
+    assert dispatch_gradcheck(make(E, D, H, backend).double(), expert_TK, D)
 
 
 def test_gate_placements_agree(monkeypatch):

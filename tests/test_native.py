@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from model_utils import dispatch_gradcheck
 
 from moesaic.errors import ConfigError
 from moesaic.model import native
@@ -294,21 +295,4 @@ def test_dispatch_on_the_kernel_in_the_region(in_combine, threads, monkeypatch):
 
     T, D, H = 16, 4, 3
     expert_TK = torch.arange(T * k).remainder(E).view(T, k)
-    ex = experts(E, D, H, "native", torch.float64)
-
-    class Layer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ex = ex
-
-        def forward(self, x, gate):
-            return d.dispatch(x, expert_TK, gate, self.ex)
-
-    def f(x, gate, w1, w2):
-        params = {"ex.w_gate_up_EDH": w1, "ex.w_down_EHD": w2}
-        return torch.func.functional_call(Layer(), params, (x, gate))
-
-    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
-    gate = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
-    weights = [p.detach().clone().requires_grad_(True) for p in ex.parameters()]
-    assert torch.autograd.gradcheck(f, (x, gate, *weights))
+    assert dispatch_gradcheck(experts(E, D, H, "native", torch.float64), expert_TK, D)
