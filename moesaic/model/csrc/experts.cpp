@@ -105,7 +105,7 @@ Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dact, const std::opt
       scalar_t *dg = dgu + i * 2 * H, *dup = dg + H;
       scalar_t s = 1;
       if (scale) {
-        s = static_cast<scalar_t>(scale->data_ptr<scalar_t>()[i]);
+        s = scale->data_ptr<scalar_t>()[i];
         scalar_t sum = 0;
         for (int64_t h = 0; h < H; h++) sum += d[h] * (g[h] * p[h] * u[h]);
         dscale->data_ptr<scalar_t>()[i] = sum;
@@ -129,8 +129,8 @@ void check_inputs(const Tensor& x, const Tensor& w1, const Tensor& w2) {
   TORCH_CHECK(w2.scalar_type() == w1.scalar_type(), "expert weights must share one dtype");
 }
 
-// The sorted rows of `src` ([S, D] already in expert order, or [T, D] in token order with
-// `rows` [S]): returns a contiguous source and the row count S. Token indices are checked.
+// The number of sorted rows S of `src`: [S, D] already in expert order, or [T, D] in token order
+// with `rows` [S], the token of each sorted row (checked to be in range).
 int64_t sorted_row_count(const Tensor& src, const std::optional<Tensor>& rows) {
   if (!rows) return src.size(0);
   TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->is_cpu() &&
@@ -219,7 +219,6 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
                      (!scale || (scale->scalar_type() == dtype && scale->stride(0) == 1));
   for_each_expert(start, [&](int64_t e, int64_t first, int64_t n) {
     const auto gu = gate_up.narrow(0, first, n);
-    const auto gate = gu.narrow(1, 0, H), up = gu.narrow(1, H, H);
     const auto x_e = sorted_rows(x, x_rows, first, n, dtype);
     const auto dy_e = sorted_rows(dy, dy_rows, first, n, dtype);
     auto dact = at::mm(dy_e, w2[e].t());
@@ -234,6 +233,7 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
       at::mm_out(dw1_e, x_e.t(), dgu);
       return;
     }
+    const auto gate = gu.narrow(1, 0, H), up = gu.narrow(1, H, H);
     const auto silu = at::silu(gate);
     const auto act = silu * up;
     if (scale) {
