@@ -222,49 +222,31 @@ class _GatedSum(torch.autograd.Function):
         return grad_y, grad_gate, None, None
 
 
-class _NativeGathered(torch.autograd.Function):
-    """y_SD = experts(x_TD[token_S]) on the CPU kernel, which copies each expert's rows itself
-    (`csrc/experts.cpp`); the backward sums each token's rows of dx (`_sum_rows`)."""
+class _NativeTokens(torch.autograd.Function):
+    """experts(x_TD[token_S]) · scale_S on the CPU kernel, which copies each expert's rows
+    itself (`csrc/experts.cpp`). `summed`: returns each token's rows summed in fp32 ([T, D]),
+    so the backward's gradient rows are copied per expert inside the kernel too, rather than
+    gathered to [S, D]; else the rows ([S, D]) for a combine outside. The backward sums each
+    token's rows of dx (`_sum_rows`)."""
 
     @staticmethod
-    def forward(ctx, x_TD: Tensor, w1: Tensor, w2: Tensor, counts_E: Tensor, rows: _Rows) -> Tensor:
-        y_SD, gate_up = native.load().experts_forward(x_TD, w1, w2, counts_E, None, rows.gather_N)
-        ctx.rows = rows
-        ctx.save_for_backward(x_TD, w1, w2, counts_E, gate_up)
-        return y_SD
-
-    @staticmethod
-    def backward(ctx, g_SD: Tensor):
-        x_TD, w1, w2, counts_E, gate_up = ctx.saved_tensors
-        token_S = ctx.rows.gather_N
-        dx_SD, dw1, dw2, _ = native.load().experts_backward(
-            g_SD.contiguous(), x_TD, w1, w2, counts_E, None, gate_up, x_rows=token_S
-        )
-        return _sum_rows(dx_SD, ctx.rows).to(x_TD.dtype), dw1, dw2, None, None
-
-
-class _NativeSummed(torch.autograd.Function):
-    """y_TD = Σ of each token's rows of experts(x_TD[token_S]) · scale_S, in fp32, on the CPU
-    kernel: the gather, the experts and the sum in one function, so that the backward's
-    gradient rows are also copied per expert inside the kernel rather than gathered to [S, D]."""
-
-    @staticmethod
-    def forward(ctx, x_TD, w1, w2, counts_E, scale_S, rows: _Rows) -> Tensor:
+    def forward(ctx, x_TD, w1, w2, counts_E, scale_S, rows: _Rows, summed: bool) -> Tensor:
         ext = native.load()
         y_SD, gate_up = ext.experts_forward(x_TD, w1, w2, counts_E, scale_S, rows.gather_N)
-        ctx.rows = rows
+        ctx.rows, ctx.summed = rows, summed
         ctx.save_for_backward(x_TD, w1, w2, counts_E, scale_S, gate_up)
-        return _sum_rows(y_SD, rows)
+        return _sum_rows(y_SD, rows) if summed else y_SD
 
     @staticmethod
-    def backward(ctx, g_TD: Tensor):
+    def backward(ctx, g: Tensor):
         x_TD, w1, w2, counts_E, scale_S, gate_up = ctx.saved_tensors
         token_S = ctx.rows.gather_N
+        dy_rows = token_S if ctx.summed else None  # g is [T, D] or already [S, D]
         dx_SD, dw1, dw2, dscale = native.load().experts_backward(
-            g_TD.contiguous(), x_TD, w1, w2, counts_E, scale_S, gate_up, token_S, token_S
+            g.contiguous(), x_TD, w1, w2, counts_E, scale_S, gate_up, token_S, dy_rows
         )
         dscale = dscale if ctx.needs_input_grad[4] else None
-        return _sum_rows(dx_SD, ctx.rows).to(x_TD.dtype), dw1, dw2, None, dscale, None
+        return _sum_rows(dx_SD, ctx.rows).to(x_TD.dtype), dw1, dw2, None, dscale, None, None
 
 
 def gates_in_combine(experts: nn.Module, native: bool = False) -> bool:
@@ -536,7 +518,11 @@ def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: n
 
 
 def _dispatch_native(
-    x_TD: Tensor, gate_TK: Tensor | None, experts: Experts, weights, routing: Routing
+    x_TD: Tensor,
+    gate_TK: Tensor | None,
+    experts: Experts,
+    weights: tuple[Tensor, Tensor],
+    routing: Routing,
 ) -> Tensor:
     """`dispatch` on the CPU kernel, which reads each expert's rows straight from x_TD (and, with
     the gates scaling activations, the gradient's rows from g_TD): the same products and sums."""
@@ -545,12 +531,13 @@ def _dispatch_native(
     if gate_TK is not None and gates_in_combine(experts, native=True):
         gate_F = _wide(gate_TK).reshape(-1)
         gate_S = gate_F.detach().index_select(0, routing.order_S)
-        y_SD = _NativeGathered.apply(x_TD, w1, w2, routing.counts_E, rows)
+        y_SD = _NativeTokens.apply(x_TD, w1, w2, routing.counts_E, None, rows, False)
         return _GatedSum.apply(y_SD, gate_F, gate_S, rows).to(x_TD.dtype)
     scale_S = None
     if gate_TK is not None:
         scale_S = _wide(gate_TK).reshape(-1).index_select(0, routing.order_S)
-    return _NativeSummed.apply(x_TD, w1, w2, routing.counts_E, scale_S, rows).to(x_TD.dtype)
+    y_TD = _NativeTokens.apply(x_TD, w1, w2, routing.counts_E, scale_S, rows, True)
+    return y_TD.to(x_TD.dtype)
 
 
 def _dispatch_padded(

@@ -199,8 +199,10 @@ std::vector<Tensor> experts_backward(const Tensor& dy_in, const Tensor& x_in, co
   const auto start = row_starts(counts);
   const auto x = x_in.contiguous(), dy = dy_in.contiguous();
   const int64_t S = gate_up.size(0), H = w2.size(1);
+  const bool same_rows = x_rows && dy_rows && x_rows->is_same(*dy_rows) && dy.size(0) == x.size(0);
   TORCH_CHECK(start.back() == S && sorted_row_count(x, x_rows) == S &&
-                  sorted_row_count(dy, dy_rows) == S && dy.dim() == 2 && dy.size(1) == x.size(1),
+                  (same_rows || sorted_row_count(dy, dy_rows) == S) && dy.dim() == 2 &&
+                  dy.size(1) == x.size(1),
               "expert counts, inputs and gradients disagree on the number of rows");
   const auto dtype = w1.scalar_type();
   auto dx = at::empty({S, x.size(1)}, x.options().dtype(dtype));
