@@ -11,9 +11,10 @@ from torch import Tensor, nn
 from moesaic.config import load_config
 from moesaic.data import load_tokenizer
 from moesaic.evaluate.runs import LoadedRun
+from moesaic.files import cache_dir
 from moesaic.model import Transformer, heads
-from moesaic.train.loop import Trainer, resolve_model_dims
-from moesaic.train.runtime import cache_dir
+from moesaic.runconfig import resolve_model_dims
+from moesaic.train.loop import Trainer
 from tests.train_utils import MICRO
 
 

@@ -9,7 +9,6 @@ import torch
 
 from moesaic.analysis import sparsity
 from moesaic.analysis import specialization as spec
-from moesaic.analysis.jsonsafe import json_safe
 from moesaic.analysis.tax import (
     LOSS_METRICS,
     MetricSpec,
@@ -20,6 +19,7 @@ from moesaic.analysis.tax import (
     tax_difference,
     tax_table,
 )
+from moesaic.jsonsafe import json_safe
 
 # ------------------------------------------------------------------------------------ tax
 

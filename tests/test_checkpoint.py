@@ -11,6 +11,7 @@ from torch import nn
 
 from moesaic.config import TrainConfig
 from moesaic.errors import CheckpointError
+from moesaic.files import atomic_write_text
 from moesaic.train import checkpoint as ckpt
 from moesaic.train.optim import (
     build_optimizer,
@@ -175,6 +176,6 @@ def test_lr_schedule_shape():
 
 def test_atomic_write_text(tmp_path):
     p = tmp_path / "x.json"
-    ckpt.atomic_write_text(p, "one")
-    ckpt.atomic_write_text(p, "two")
+    atomic_write_text(p, "one")
+    atomic_write_text(p, "two")
     assert p.read_text() == "two" and os.listdir(tmp_path) == ["x.json"]

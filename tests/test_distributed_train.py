@@ -15,7 +15,8 @@ import torch
 
 from moesaic.cli import main
 from moesaic.config import load_config
-from moesaic.train.loop import Trainer, load_run_config
+from moesaic.runconfig import load_run_config
+from moesaic.train.loop import Trainer
 from moesaic.train.metrics import read_metrics
 from tests.dist_utils import run_distributed
 from tests.train_utils import MICRO, MOE

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from moesaic.analysis import sparsity
-from moesaic.analysis.jsonsafe import json_safe
 from moesaic.analysis.specialization import routing_specialization
 from moesaic.analysis.tax import LOSS_METRICS, tax_difference, tax_table
+from moesaic.jsonsafe import json_safe
 from moesaic.report import plots
 from moesaic.report.html import HtmlReport
 from moesaic.report.render_check import check_rendering, find_chromium

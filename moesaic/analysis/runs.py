@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from moesaic.analysis import sparsity
-from moesaic.analysis.jsonsafe import json_safe
 from moesaic.analysis.specialization import routing_specialization, time_cv_per_expert
 from moesaic.batch import Batch, DocKind, Modality
 from moesaic.errors import ConfigError
+from moesaic.jsonsafe import json_safe
 
 # eval set -> modality whose hidden vectors are measured
 SPARSITY_SETS = {"text": Modality.TEXT, "ood_text": Modality.TEXT, "image": Modality.IMAGE}
@@ -148,7 +148,7 @@ def _mean(values: Any) -> float:
 
 def write_analysis(run_dir: Path, result: dict[str, Any], plots: bool = True) -> Path:
     """analysis.json (+ figures under analysis/) in the run directory."""
-    from moesaic.train.checkpoint import atomic_write_text
+    from moesaic.files import atomic_write_text
 
     run_dir = Path(run_dir)
     safe = json_safe(result)

@@ -52,9 +52,9 @@ def _best(fn, repeats: int) -> tuple[float, object]:
 
 def _model(args):
     from moesaic.data import load_tokenizer
+    from moesaic.files import cache_dir
     from moesaic.model import Transformer
-    from moesaic.train.loop import resolve_model_dims
-    from moesaic.train.runtime import cache_dir
+    from moesaic.runconfig import resolve_model_dims
 
     if args.run is not None:
         from moesaic.evaluate.runs import load_run

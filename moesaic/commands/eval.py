@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moesaic.train.checkpoint import atomic_write_text
+from moesaic.files import atomic_write_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.train.loop import Trainer, load_run_config
+    from moesaic.runconfig import load_run_config
+    from moesaic.train.loop import Trainer
 
     overrides = list(args.overrides)
     if args.resume:

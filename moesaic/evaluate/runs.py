@@ -12,10 +12,11 @@ from moesaic.config import Config, load_config
 from moesaic.data import build_eval_sets, load_tokenizer
 from moesaic.errors import CheckpointError
 from moesaic.evaluate.losses import eval_losses
+from moesaic.files import cache_dir
 from moesaic.model import Transformer
 from moesaic.train import checkpoint as ckpt
 from moesaic.train.dist_checkpoint import latest_any_checkpoint
-from moesaic.train.runtime import autocast_factory, cache_dir, resolve_device
+from moesaic.train.runtime import autocast_factory, resolve_device
 
 
 @dataclasses.dataclass

@@ -37,7 +37,7 @@ from moesaic.config import Config, load_config
 from moesaic.errors import CheckpointError, ConfigError, MoesaicError
 from moesaic.experiments.arms import get_arm
 from moesaic.experiments.presets import StudyConfig
-from moesaic.train.checkpoint import atomic_write_text
+from moesaic.files import atomic_write_text
 
 VARIANTS = ("text", "image", "joint")
 
@@ -124,7 +124,7 @@ def _key(*parts: Any) -> str:
 def tokenizer_for(cfg: Config) -> Any:
     """The tokenizer a run of `cfg` trains with (it depends on data.seed, so on the seed)."""
     from moesaic.data import load_tokenizer
-    from moesaic.train.runtime import cache_dir
+    from moesaic.files import cache_dir
 
     return load_tokenizer(cfg.data, cache_dir())
 
@@ -194,13 +194,13 @@ def run_config(study: StudyConfig, spec: RunSpec, study_dir: Path) -> Config:
 
 def fingerprint(cfg: Config, vocab_size: int) -> str:
     """The Trainer's fingerprint of a run config (model dims resolved as the Trainer does)."""
-    from moesaic.train.loop import config_fingerprint, resolve_model_dims
+    from moesaic.runconfig import config_fingerprint, resolve_model_dims
 
     return config_fingerprint(resolve_model_dims(cfg, vocab_size))
 
 
 def _check_same_run(cfg: Config, run_dir: Path, vocab_size: int) -> None:
-    from moesaic.train.loop import config_fingerprint
+    from moesaic.runconfig import config_fingerprint
 
     saved = load_config(run_dir / "config.yaml")
     if config_fingerprint(saved) != fingerprint(cfg, vocab_size) or (

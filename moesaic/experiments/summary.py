@@ -40,7 +40,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moesaic.analysis.jsonsafe import json_safe
 from moesaic.analysis.tax import (
     LOSS_METRICS,
     MetricSpec,
@@ -51,7 +50,8 @@ from moesaic.analysis.tax import (
 )
 from moesaic.experiments.arms import get_arm
 from moesaic.experiments.compete import VARIANTS, joint_coverage, seeds_of
-from moesaic.train.checkpoint import atomic_write_text
+from moesaic.files import atomic_write_text
+from moesaic.jsonsafe import json_safe
 
 SCHEMA = "moesaic-compete/1"
 LOWER_IS_BETTER_WORDS = ("loss", "mse", "error", "fid")

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from moesaic.errors import ConfigError
+from moesaic.files import cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "experts.cpp"
 NAME = "moesaic_experts"
@@ -45,12 +46,7 @@ def enabled() -> bool:
 def build_dir() -> Path:
     """Where the built library lives: per torch version and Python ABI."""
     root = os.environ.get("MOESAIC_NATIVE_DIR")
-    if root:
-        base = Path(root)
-    else:
-        from moesaic.train.runtime import cache_dir
-
-        base = cache_dir() / "native"
+    base = Path(root) if root else cache_dir() / "native"
     abi = sysconfig.get_config_var("SOABI") or f"py{sys.version_info[0]}{sys.version_info[1]}"
     return base / f"torch-{torch.__version__}-{abi}"
 

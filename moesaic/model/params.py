@@ -19,6 +19,7 @@ from torch import nn
 
 from moesaic.model.ffn import NUM_MODALITIES, ModalityFFN
 from moesaic.model.moe import MoE
+from moesaic.model.norm import RMSNorm
 
 
 def _numel(module: nn.Module) -> int:
@@ -42,8 +43,6 @@ def count_params(model: nn.Module, active: bool = True) -> int:
 
 
 def norm_params(model: nn.Module) -> int:
-    from moesaic.model.transformer import RMSNorm
-
     return sum(_numel(m) for m in model.modules() if isinstance(m, RMSNorm))
 
 

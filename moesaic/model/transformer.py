@@ -26,6 +26,8 @@ from moesaic.errors import ConfigError
 from moesaic.model import flex, heads
 from moesaic.model.ffn import DenseFFN, ModalityFFN, TokenMeta
 from moesaic.model.moe import MoE
+from moesaic.model.norm import RMSNorm
+from moesaic.model.params import count_params, flops_per_token
 
 
 @dataclasses.dataclass
@@ -49,18 +51,6 @@ class ModelOutput:
     @property
     def image_count(self) -> int:
         return int(self.image_positions)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # the weight in x's dtype (bf16 under mixed precision) keeps the fused kernel, which
-        # accumulates in fp32 either way
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class Rotary(nn.Module):
@@ -328,14 +318,10 @@ class Transformer(nn.Module):
 
     def num_params(self, active: bool = True) -> int:
         """All parameters (tied counted once); `active`: only those one token uses."""
-        from moesaic.model.params import count_params
-
         return count_params(self, active)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6·N_matmul + 12·layers·dim·seq_len (see params.py)."""
-        from moesaic.model.params import flops_per_token
-
         return flops_per_token(self, seq_len)
 
     def moe_blocks(self) -> dict[int, MoE]:

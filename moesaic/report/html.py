@@ -129,7 +129,7 @@ class HtmlReport:
         )
 
     def write(self, path: str | Path) -> Path:
-        from moesaic.train.checkpoint import atomic_write_text
+        from moesaic.files import atomic_write_text
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

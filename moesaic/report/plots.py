@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from moesaic.analysis.jsonsafe import as_float  # noqa: E402
+from moesaic.jsonsafe import as_float  # noqa: E402
 
 VARIANT_STYLE = {"text": "--", "image": ":", "joint": "-"}
 COLORS = plt.get_cmap("tab10").colors

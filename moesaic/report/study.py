@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from moesaic.analysis.jsonsafe import as_float
 from moesaic.analysis.specialization import specialization_matrix
+from moesaic.jsonsafe import as_float
 from moesaic.report import plots
 from moesaic.report.html import HtmlReport
 

@@ -18,7 +18,6 @@ unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moesaic.errors import CheckpointError
+from moesaic.files import fsync_dir, fsync_file, sha256_file
 
 FORMAT = "moesaic-checkpoint/1"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -42,39 +42,6 @@ class Checkpoint:
     path: Path
     step: int
     state: dict[str, Any]  # the parsed state.json
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new content, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _unique_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,18 +86,18 @@ def save_checkpoint(
     for name, tensors in payloads.items():
         path = tmp / name
         save_file(_unique_tensors(tensors), str(path))
-        _fsync_file(path)
-        files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        fsync_file(path)
+        files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     body = {"format": FORMAT, "step": step, "files": files, **state}
     with open(tmp / "state.json", "w") as f:
         json.dump(body, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a re-save of the same step (e.g. after resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune_checkpoints(root, keep)
     return final
 
@@ -174,7 +141,7 @@ def verify_checkpoint(path: Path, fingerprint: str | None = None) -> Checkpoint:
                 f"checkpoint file '{file}' is truncated ({file.stat().st_size} of "
                 f"{meta['bytes']} bytes)"
             )
-        if _sha256(file) != meta["sha256"]:
+        if sha256_file(file) != meta["sha256"]:
             raise CheckpointError(f"checkpoint file '{file}' is corrupt (sha256 mismatch)")
     if fingerprint is not None and state.get("config_fingerprint") != fingerprint:
         raise CheckpointError(

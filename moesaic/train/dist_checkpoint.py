@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from moesaic.errors import CheckpointError
+from moesaic.files import atomic_write_text, fsync_dir, fsync_file, sha256_file
 from moesaic.train import checkpoint as ckpt
 from moesaic.train.distributed import all_gather_object, barrier, broadcast_object, current_world
 
@@ -159,7 +160,7 @@ def is_sharded(path: Path) -> bool:
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": ckpt._sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def save_sharded_checkpoint(
@@ -194,7 +195,7 @@ def save_sharded_checkpoint(
         payloads = {"model.safetensors": weights, "rng.safetensors": rng}
         for name, tensors in payloads.items():
             save_file(ckpt._unique_tensors(tensors), str(tmp / name))
-            ckpt._fsync_file(tmp / name)
+            fsync_file(tmp / name)
         files = {
             str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*.safetensors"))
         }
@@ -207,13 +208,13 @@ def save_sharded_checkpoint(
             "files": files,
             "data": data,
         }
-        ckpt.atomic_write_text(tmp / "state.json", json.dumps(body, indent=1, sort_keys=True))
-        ckpt._fsync_dir(tmp / DCP_DIR)
-        ckpt._fsync_dir(tmp)
+        atomic_write_text(tmp / "state.json", json.dumps(body, indent=1, sort_keys=True))
+        fsync_dir(tmp / DCP_DIR)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        ckpt._fsync_dir(root)
+        fsync_dir(root)
         ckpt.prune_checkpoints(root, keep)
     barrier()
     return final
@@ -242,7 +243,7 @@ def verify_sharded(path: Path, fingerprint: str | None = None) -> ckpt.Checkpoin
                 f"checkpoint file '{file}' is truncated ({file.stat().st_size} of "
                 f"{meta['bytes']} bytes)"
             )
-        if ckpt._sha256(file) != meta["sha256"]:
+        if sha256_file(file) != meta["sha256"]:
             raise CheckpointError(f"checkpoint file '{file}' is corrupt (sha256 mismatch)")
     if fingerprint is not None and state.get("config_fingerprint") != fingerprint:
         raise CheckpointError(

@@ -15,7 +15,6 @@ shard of the data, only rank 0 writes logs and run files, and checkpoints are sh
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import signal
@@ -25,12 +24,14 @@ from typing import Any
 
 import torch
 
-from moesaic.config import Config, load_config
+from moesaic.config import Config
 from moesaic.data import build_eval_sets, build_stream, load_tokenizer
 from moesaic.errors import CheckpointError, ConfigError, MoesaicError
 from moesaic.evaluate.losses import eval_losses
+from moesaic.files import atomic_write_text, cache_dir
 from moesaic.model import Transformer
 from moesaic.model.moe import update_router_biases
+from moesaic.runconfig import config_fingerprint, resolve_model_dims, run_dir_for
 from moesaic.train import checkpoint as ckpt
 from moesaic.train import dist_checkpoint as dckpt
 from moesaic.train import distributed
@@ -44,88 +45,12 @@ from moesaic.train.optim import (
     set_lr,
 )
 from moesaic.train.progress import Progress
-from moesaic.train.runtime import autocast_factory, cache_dir, resolve_device, set_threads
+from moesaic.train.runtime import autocast_factory, resolve_device, set_threads
 from moesaic.train.watchdog import Watchdog, report_failures
-
-# Keys that may change when a run is resumed; everything else must match the checkpoint.
-RESUMABLE_KEYS = (
-    "name",
-    "out",
-    "train.steps",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.max_bad_steps",
-    "train.device",
-    "train.threads",
-    "train.compile",
-    "eval.every",
-    "logging",
-    "dist",
-)
 
 
 class TrainingDiverged(MoesaicError):
     """Too many consecutive non-finite steps."""
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _mutable(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
-
-
-def config_fingerprint(cfg: Config) -> str:
-    """Hash of everything that determines the computation (resumable keys excluded)."""
-    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if not _mutable(k)}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def resolve_model_dims(cfg: Config, vocab_size: int) -> Config:
-    """Fill model.vocab_size / patch_dim from the tokenizer and data, or check they agree."""
-    model = cfg.model
-    if model.vocab_size == 0:
-        model = dataclasses.replace(model, vocab_size=vocab_size)
-    elif model.vocab_size < vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab_size}; "
-            "set model.vocab_size=0 to take it from the tokenizer"
-        )
-    if model.patch_dim == 0:
-        model = dataclasses.replace(model, patch_dim=cfg.data.patch_dim)
-    elif model.patch_dim != cfg.data.patch_dim:
-        raise ConfigError(
-            f"model.patch_dim={model.patch_dim} but data patches have {cfg.data.patch_dim} values "
-            "(patch_size² · channels); set model.patch_dim=0"
-        )
-    return dataclasses.replace(cfg, model=model)
-
-
-def run_dir_for(cfg: Config) -> Path:
-    return Path(cfg.out) / cfg.name
-
-
-def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The config saved in a run directory, with the overrides allowed on resume."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"'{run_dir}' is not a moesaic run directory (no config.yaml)")
-    for text in overrides:
-        key = text.split("=", 1)[0].strip()
-        if not _mutable(key):
-            raise ConfigError(
-                f"'{key}' cannot change when resuming (it changes the computation); "
-                f"changeable: {', '.join(RESUMABLE_KEYS)}"
-            )
-    return load_config(path, overrides)
 
 
 class Trainer:
@@ -434,7 +359,7 @@ class Trainer:
             summary["eval"] = final["losses"]
             if self.world.is_main:
                 text = json.dumps(summary, indent=1)
-                ckpt.atomic_write_text(self.run_dir / "summary.json", text)
+                atomic_write_text(self.run_dir / "summary.json", text)
         elif self.world.is_main:
             print(
                 f"stopped by signal at step {self.step}; checkpoint saved. "

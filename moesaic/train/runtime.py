@@ -1,11 +1,9 @@
-"""Where and how a run computes: device, precision, threads, and the per-user cache directory."""
+"""Where and how a run computes: device, precision and threads."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
-from pathlib import Path
 
 import torch
 
@@ -40,13 +38,3 @@ def autocast_factory(cfg: TrainConfig, device: torch.device):
 def set_threads(cfg: TrainConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-
-
-def cache_dir() -> Path:
-    """Shared cache for things derived deterministically from configs (trained tokenizers)."""
-    root = os.environ.get("MOESAIC_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moesaic"
-    )
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -1,4 +1,5 @@
-"""JSON output of analysis results: NaN/inf become null, numpy scalars and arrays plain Python."""
+"""JSON-safe results (summaries, analyses, metrics): NaN/inf become null, numpy values plain
+Python; and the inverse for readers."""
 
 from __future__ import annotations
 
