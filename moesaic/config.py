@@ -54,6 +54,14 @@ class FFNConfig:
     z_loss: float = 0.0  # β of the router z-loss (0 = off)
     bias_rate: float = 0.0  # γ of auxiliary-loss-free bias balancing (0 = off)
     dispatch: str = "auto"  # auto | native | grouped_mm | padded | split
+    # FFN weights of video-frame tokens: image (share the image modality's FFN, expert group
+    # and shared expert: video frames are images) | own (a third, video-only one)
+    video_ffn: str = "image"
+
+    @property
+    def modality_slots(self) -> int:
+        """Modalities with their own FFN weights: text and image (+ video with video_ffn=own)."""
+        return 3 if self.video_ffn == "own" else 2
 
     @property
     def active_experts(self) -> int:
@@ -66,6 +74,7 @@ class FFNConfig:
     def validate(self, path: str = "model.ffn") -> None:
         _check_choice(f"{path}.kind", self.kind, ("dense", "modality", "moe"))
         _check_positive(f"{path}.hidden", self.hidden)
+        _check_choice(f"{path}.video_ffn", self.video_ffn, ("image", "own"))
         if self.kind != "moe":
             return
         _check_choice(f"{path}.shared", self.shared, ("none", "global", "per_modality"))
@@ -92,11 +101,14 @@ class FFNConfig:
                 f"{path}.top_k={self.active_experts} leaves no routed expert next to "
                 f"shared='{self.shared}'; use top_k >= {n_shared + 1} or granularity >= 2"
             )
-        per_token_pool = self.experts // 2 if self.groups == "modality" else self.experts
-        if self.groups == "modality" and self.experts % 2:
+        n_groups = self.modality_slots if self.groups == "modality" else 1
+        per_token_pool = self.experts // n_groups
+        if self.experts % n_groups:
+            what = "even" if n_groups == 2 else f"divisible by {n_groups}"
+            names = "text and image" if n_groups == 2 else "text, image and video"
             raise ConfigError(
-                f"{path}.experts={self.experts} must be even with groups='modality' "
-                "(experts are split equally between text and image)"
+                f"{path}.experts={self.experts} must be {what} with groups='modality' "
+                f"(experts are split equally between {names})"
             )
         if routed_k > per_token_pool:
             raise ConfigError(
@@ -143,7 +155,8 @@ class ModelConfig:
         self.ffn.validate(f"{path}.ffn")
 
 
-MIX_KEYS = ("text", "caption_image", "image_caption", "vqa", "image")
+MIX_KEYS = ("text", "caption_image", "image_caption", "vqa", "image", "video", "action_video")
+VIDEO_KINDS = ("video", "action_video")
 
 
 def _default_mix() -> dict[str, float]:
@@ -151,10 +164,31 @@ def _default_mix() -> dict[str, float]:
 
 
 @dataclasses.dataclass
+class VideoConfig:
+    """Clips (mix keys `video`, `action_video`; docs/video.md)."""
+
+    min_frames: int = 4  # frames per clip, drawn uniformly from [min_frames, max_frames]
+    max_frames: int = 8
+    # clean: context frames clean, only the last frame of the document noised (with loss);
+    # noised: every frame noised with its own flow time and carrying loss (diffusion forcing)
+    context: str = "clean"
+
+    def validate(self, path: str = "data.video") -> None:
+        if self.min_frames < 2:
+            raise ConfigError(f"{path}.min_frames={self.min_frames} must be >= 2")
+        if self.max_frames < self.min_frames:
+            raise ConfigError(
+                f"{path}.max_frames={self.max_frames} must be >= "
+                f"{path}.min_frames={self.min_frames}"
+            )
+        _check_choice(f"{path}.context", self.context, ("clean", "noised"))
+
+
+@dataclasses.dataclass
 class DataConfig:
     """Where batches come from and how they are packed (design.md §2, §6)."""
 
-    source: str = "world"  # world | folder | text | webdataset | hf | digits
+    source: str = "world"  # world | folder | text | webdataset | hf | digits | clips
     paths: list[str] = dataclasses.field(default_factory=list)  # files/dirs for real sources
     seq_len: int = 256
     batch_size: int = 8  # rows per micro-batch per rank
@@ -172,6 +206,7 @@ class DataConfig:
     vocab_size: int = 2048  # when training the tokenizer
     seed: int = 0
     strict: bool = False  # raise on bad records instead of skipping and counting them
+    video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
 
     @property
     def patch_dim(self) -> int:
@@ -197,8 +232,11 @@ class DataConfig:
             )
         _check_positive(f"{path}.time_shift", self.time_shift)
         _check_choice(
-            f"{path}.source", self.source, ("world", "folder", "text", "webdataset", "hf", "digits")
+            f"{path}.source",
+            self.source,
+            ("world", "folder", "text", "webdataset", "hf", "digits", "clips"),
         )
+        self.video.validate(f"{path}.video")
         _check_choice(
             f"{path}.caption_register",
             self.caption_register,

@@ -20,7 +20,8 @@ from moesaic.data.world.generators import WorldSource
 def make_source(cfg: DataConfig, split: str = "train") -> Source:
     """The record source `data.source` names, for one split."""
     if cfg.source == "world":
-        return WorldSource(split, cfg.caption_register, cfg.image_size)
+        frames = (cfg.video.min_frames, cfg.video.max_frames)
+        return WorldSource(split, cfg.caption_register, cfg.image_size, frames)
     from moesaic.data.sources import open_source
 
     return open_source(cfg, split)
