@@ -408,6 +408,10 @@ SOURCES = {
 
 
 def open_source(cfg: DataConfig, split: str) -> RecordSource:
+    if cfg.source == "clips":  # folders of frame images (moesaic/data/clips.py)
+        from moesaic.data.clips import ClipSource
+
+        return ClipSource(cfg, split)
     return SOURCES[cfg.source](cfg, split)
 
 
