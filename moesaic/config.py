@@ -132,7 +132,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     prediction: str = "velocity"  # velocity | x0: what the image head predicts
-    image_loss_weight: float = 3.0  # λ in L = L_text + λ·L_image
+    image_loss_weight: float = 3.0  # λ in L = L_text + λ·(L_image + L_video)
     attention: str = "auto"  # auto | sdpa | flex (flex needs CUDA)
     ffn: FFNConfig = dataclasses.field(default_factory=FFNConfig)
 

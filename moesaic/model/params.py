@@ -3,7 +3,8 @@
 * Total parameters: every parameter once (tied embeddings counted once).
 * Active parameters: those one token uses in one forward pass. Everything is active except the
   experts a token does not run: of a MoE layer's E routed experts only its k routed ones, of a
-  per-modality FFN (or per-modality shared expert) only its own modality's. Embeddings, heads,
+  per-modality FFN (or per-modality shared expert) only its own modality's — one of two, or of
+  three with a video FFN of its own (`video_ffn: own`). Embeddings, heads,
   routers and norms count as active.
 * FLOPs per token (training, forward + backward): `6·N_matmul + 12·layers·dim·seq_len`.
   N_matmul = active parameters that take part in a matmul: the token-embedding lookup and the
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moesaic.model.ffn import NUM_MODALITIES, ModalityFFN
+from moesaic.model.ffn import ModalityFFN
 from moesaic.model.moe import MoE
 from moesaic.model.norm import RMSNorm
 
@@ -31,7 +32,7 @@ def inactive_params(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
         if isinstance(m, ModalityFFN):
-            n += _numel(m.experts) * (NUM_MODALITIES - 1) // NUM_MODALITIES
+            n += _numel(m.experts) * (m.slots - 1) // m.slots
         elif isinstance(m, MoE):
             n += _numel(m.experts) * (m.num_experts - m.top_k) // m.num_experts
     return n

@@ -411,10 +411,10 @@ def sharded_eval_losses(
     world = current_world()
     was_training = model.training
     model.eval()
-    totals = []  # per set: text loss sum, text targets, image loss sum, image positions
+    totals = []  # per set: loss sum and positions of text, image and video
     try:
         for batches in sets.values():
-            acc = torch.zeros(4, dtype=torch.float64)
+            acc = torch.zeros(6, dtype=torch.float64)
             for start in range(0, len(batches), world.world_size):
                 index = start + world.rank
                 real = index < len(batches)
@@ -423,21 +423,26 @@ def sharded_eval_losses(
                     out = model(batches[index if real else 0].to(device))
                 if real:
                     tn, im = int(out.text_targets), int(out.image_positions)
+                    vn = int(out.video_positions)
                     acc += torch.tensor(
-                        [float(out.text_loss) * tn, tn, float(out.image_loss) * im, im],
+                        [float(out.text_loss) * tn, tn, float(out.image_loss) * im, im,
+                         float(out.video_loss) * vn, vn],
                         dtype=torch.float64,
-                    )
+                    )  # fmt: skip
                 for buffer, saved in stats:
                     buffer.copy_(saved)
             totals.append(acc)
     finally:
         model.train(was_training)
-    summed = all_reduce_sum(torch.stack(totals)) if totals else torch.zeros(0, 4)
+    summed = all_reduce_sum(torch.stack(totals)) if totals else torch.zeros(0, 6)
     out: dict[str, float] = {}
-    for name, (text_sum, text_n, image_sum, image_n) in zip(sets, summed.tolist(), strict=True):
+    for name, sums in zip(sets, summed.tolist(), strict=True):
+        text_sum, text_n, image_sum, image_n, video_sum, video_n = sums
         if text_n:
             out[f"{name}/text"] = text_sum / text_n
             out[f"{name}/text_ppl"] = math.exp(min(out[f"{name}/text"], 50.0))
         if image_n:
             out[f"{name}/image"] = image_sum / image_n
+        if video_n:
+            out[f"{name}/video"] = video_sum / video_n
     return out

@@ -222,14 +222,14 @@ class Trainer:
         cfg = self.cfg.train
         lr = lr_at(self.step, cfg)
         set_lr(self.optimizer, lr)
-        sums = torch.zeros(4, device=self.device)
+        sums = torch.zeros(5, device=self.device)
         for _ in range(cfg.grad_accum):
             batch = next(self.stream).to(self.device)
             with self.autocast():
                 out = self.forward(batch)
             (out.loss / cfg.grad_accum).backward()
-            parts = torch.stack([out.loss, out.text_loss, out.image_loss, out.aux_loss])
-            sums += parts.detach().float() / cfg.grad_accum
+            parts = [out.loss, out.text_loss, out.image_loss, out.aux_loss, out.video_loss]
+            sums += torch.stack(parts).detach().float() / cfg.grad_accum
             self.tokens_seen += batch.tokens.numel() * self.world.world_size
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -238,7 +238,7 @@ class Trainer:
             grad_norm = distributed.clip_grad_norm(params, max_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        loss, text_loss, image_loss, aux_loss = sums.tolist()
+        loss, text_loss, image_loss, aux_loss, video_loss = sums.tolist()
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
@@ -261,6 +261,7 @@ class Trainer:
             "loss": loss,
             "text_loss": text_loss,
             "image_loss": image_loss,
+            "video_loss": video_loss,
             "aux_loss": aux_loss,
             "lr": lr,
             "grad_norm": float(grad_norm),
