@@ -3,6 +3,8 @@
     moesaic sample RUN_DIR --prompt "a large red circle top left" --out image.png
     moesaic sample RUN_DIR --image file.png                        # caption it
     moesaic sample RUN_DIR --image file.png --question "What colour is the circle?"
+    moesaic sample RUN_DIR --image start.png --action "move the red circle left" --action ...
+                                            # world model: frames after each action (PNG + GIF)
 
 Generated images are written as PNG, upscaled `--scale` times with nearest-neighbour so the
 pixels stay sharp for viewing. Input images are read with Pillow by the data layer's rule for
@@ -27,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--prompt", help="text → image: the caption to draw")
     what.add_argument("--image", help="image → text: a PNG/JPEG to caption (or to ask about)")
     what.add_argument("--question", help="with --image: a question to answer about it")
+    what.add_argument(
+        "--action", action="append", help="with --image: roll the world model forward under "
+        "this action (repeat for more steps); writes --out as a strip and a GIF beside it",
+    )  # fmt: skip
     p.add_argument("--out", default="sample.png", help="PNG written for --prompt")
     p.add_argument("--scale", type=int, default=16, help="nearest-neighbour upscale of --out")
     p.add_argument("--seed", type=int, default=0)
@@ -76,6 +82,8 @@ def _check(args: argparse.Namespace) -> None:
         )
     if args.question is not None and args.image is None:
         raise ConfigError("--question needs --image FILE to ask about")
+    if args.action and (args.image is None or args.question is not None):
+        raise ConfigError("--action needs --image FILE (the start frame) and no --question")
     if args.scale < 1:
         raise ConfigError(f"--scale={args.scale} must be >= 1")
     if args.image is not None and not Path(args.image).is_file():
@@ -100,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     data = loaded.cfg.data
     image = read_image(Path(args.image), data.image_size, data.channels)
+    if args.action:
+        from moesaic.evaluate.world_model import rollout_to_files
+
+        opts = ImageSampling(steps=args.steps, cfg_scale=None, seed=args.seed)
+        rollout_to_files(sampler, image, args.action, Path(args.out), args.scale, opts)
+        return 0
     text_opts = TextSampling(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
