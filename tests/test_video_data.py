@@ -302,3 +302,15 @@ def test_video_config_is_checked():
     cfg = load_config("tiny", ["data.video.min_frames=2", "data.video.max_frames=3"])
     assert WorldSource("train", "terse", 16, (2, 3)).frames == (2, 3)
     assert (cfg.data.video.min_frames, cfg.data.video.max_frames) == (2, 3)
+
+
+def test_bench_data_measures_the_video_kinds(tmp_path, capsys):
+    from moesaic.cli import main
+
+    out = tmp_path / "data.json"
+    over = ["data.vocab_size=300", "data.seq_len=128", "data.batch_size=2"]
+    assert main(["bench", "data", "tiny", *over, "--seconds", "0.05", "--json", str(out)]) == 0
+    rates = json.loads(out.read_text())["per_kind_tokens_per_s"]
+    video = {"video", "action_video", "video (context=noised)", "action_video (context=noised)"}
+    assert video <= set(rates) and all(rates[k] > 0 for k in video)
+    assert "action_video (context=noised)" in capsys.readouterr().out
