@@ -134,6 +134,8 @@ class ModelConfig:
     prediction: str = "velocity"  # velocity | x0: what the image head predicts
     image_loss_weight: float = 3.0  # λ in L = L_text + λ·(L_image + L_video)
     attention: str = "auto"  # auto | sdpa | flex (flex needs CUDA)
+    # add an embedding of each patch's index inside its image / frame to the patch input
+    patch_positions: bool = False
     ffn: FFNConfig = dataclasses.field(default_factory=FFNConfig)
 
     def validate(self, path: str = "model") -> None:

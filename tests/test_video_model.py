@@ -14,7 +14,7 @@ from moesaic.data.packing import pack_rows
 from moesaic.model import Transformer, flex
 from moesaic.model.ffn import TokenMeta
 from moesaic.model.params import param_breakdown
-from moesaic.model.transformer import attention_mask
+from moesaic.model.transformer import attention_mask, index_in_block
 from tests.model_utils import PATCH_DIM, moe_config, tiny_config
 
 IDS = SpecialIds(0, 1, 2, 3, 4)
@@ -271,3 +271,32 @@ def test_video_options_forward_backward(cfg):
     assert out.video_loss.item() > 0
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+# ------------------------------------------------------------------ patch positions
+
+
+def test_index_in_block_counts_patches_from_each_blocks_start():
+    b = video_batch(9)
+    idx = index_in_block(b.image_id)
+    for row in range(2):
+        for f in frame_positions(b, row):
+            assert idx[row, f].tolist() == list(range(M))
+    assert (idx[~b.visual_mask] == 0).all()
+
+
+def test_patch_positions_option():
+    b = video_batch(10)
+    off, on = build(tiny_config()), build(tiny_config(patch_positions=True))
+    assert off.patch_pos is None
+    assert on.num_params(active=False) - off.num_params(active=False) == 32 * 32
+    assert param_breakdown(on)["image_in"] - param_breakdown(off)["image_in"] == 32 * 32
+    x = on.embed(b)
+    vis = b.visual_mask
+    x_t = b.t[..., None] * b.patches + (1 - b.t[..., None]) * b.noise
+    added = (x - on.image_in.proj(x_t) - on.image_in.time(b.t))[vis].view(-1, M, 32)
+    torch.testing.assert_close(added, added[:1].expand_as(added))  # patch j: one vector
+    assert not torch.allclose(added[0, 0], added[0, 1])
+    torch.testing.assert_close(x[~vis], on.tok_embed(b.tokens)[~vis])
+    on(b).loss.backward()
+    assert on.patch_pos.proj.weight.grad.abs().sum() > 0

@@ -65,7 +65,7 @@ def param_breakdown(model: nn.Module) -> dict[str, int]:
     attention = sum(_numel(b.attn) for b in model.blocks)
     return {
         "embedding": model.tok_embed.weight.numel(),
-        "image_in": _numel(model.image_in),
+        "image_in": _numel(model.image_in) + (_numel(model.patch_pos) if model.patch_pos else 0),
         "attention": attention,
         "ffn_active": ffn_active,
         "ffn_total": ffn_total,

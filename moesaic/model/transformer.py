@@ -85,6 +85,34 @@ def apply_rotary(x_BLHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BLHd.dtype)
 
 
+def index_in_block(image_id_BL: Tensor) -> Tensor:
+    """Each position's index inside its image / frame block (0 at the first patch, 0 at text):
+    [B, L] int64. Blocks are contiguous, so it is the distance to the block's first position."""
+    B, L = image_id_BL.shape
+    pos = torch.arange(L, device=image_id_BL.device).expand(B, L)
+    before = F.pad(image_id_BL[:, :-1], (1, 0), value=-1)
+    start = (image_id_BL >= 0) & (image_id_BL != before)
+    first = torch.where(start, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    return torch.where(image_id_BL >= 0, pos - first, torch.zeros_like(pos))
+
+
+class PatchPosition(nn.Module):
+    """Where a patch sits inside its image or frame (`model.patch_positions`): sinusoidal
+    features of its index in the block → Linear, [B, L] -> [B, L, D]. The same patch of two
+    frames gets the same vector whatever lies between them (rotary positions only give the
+    offset, which varies with the action text), so attention can match a patch to its
+    counterpart in the frame before."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, index_BL: Tensor) -> Tensor:
+        # timestep_features embeds t·TIME_SCALE: pass index / TIME_SCALE to embed the index
+        return self.proj(heads.timestep_features(index_BL.float() / heads.TIME_SCALE, self.dim))
+
+
 def attention_mask(doc_id_BL: Tensor, image_id_BL: Tensor, first_query: int = 0) -> Tensor:
     """Boolean [B, 1, L - first_query, L], True = may attend: same document and (causal or same
     image). Query rows start at `first_query` (> 0 when earlier positions are in a KV cache)."""
@@ -227,6 +255,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.image_in = heads.ImageInput(cfg.patch_dim, cfg.dim)
+        self.patch_pos = PatchPosition(cfg.dim) if cfg.patch_positions else None
         self.rotary = Rotary(cfg.dim // cfg.heads, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -265,6 +294,8 @@ class Transformer(nn.Module):
         positions: [B, L, D]."""
         x_t = heads.flow_input(batch.patches, batch.noise, batch.t)
         image = self.image_in(x_t, batch.t)
+        if self.patch_pos is not None:
+            image = image + self.patch_pos(index_in_block(batch.image_id))
         text = self.tok_embed(batch.tokens)
         return torch.where(batch.visual_mask.unsqueeze(-1), image.to(text.dtype), text)
 
