@@ -165,17 +165,19 @@ class DocFactory:
     def _video(self, kind: str, rec: Record, s: int, rng: random.Random, g: int) -> Doc:
         """A clip laid out as `video` or `action_video` (documents.py): the frames kept, which
         of them are noised and their flow times, all drawn from the document's own rng."""
-        opts, L = self.opts, self.cfg.seq_len
-        frames = [patchify(im, self.cfg.patch_size) for im in rec.images]
-        actions = [self.tok.encode(a) for a in rec.actions] if kind == "action_video" else []
-        if actions and len(actions) != len(frames) - 1:
-            raise DataError(f"a clip of {len(frames)} frames has {len(actions)} actions")
+        opts, L, n = self.opts, self.cfg.seq_len, len(rec.images)
+        if kind == "action_video" and len(rec.actions) != n - 1:
+            raise DataError(f"a clip of {n} frames has {len(rec.actions)} actions")
         clean = opts.video_context == "clean"
         lo = min_video_frames(opts.video_context)
-        k = rng.randint(2, len(frames)) if clean else len(frames)
-        m = frames[0].shape[0]
+        k = rng.randint(2, n) if clean else n
+        acts = rec.actions[: k - 1] if kind == "action_video" else ()
+        actions = [self.tok.encode(a) for a in acts]
+        H, W = rec.images[0].shape[:2]
+        m = (H // self.cfg.patch_size) * (W // self.cfg.patch_size)
         while k > lo and video_doc_len(k, m, sum(map(len, actions[: k - 1]))) > L:
             k -= 1
+        frames = [patchify(im, self.cfg.patch_size) for im in rec.images[:k]]
         noise = self._noise(s, (k, m, frames[0].shape[1]))
         grid = opts.t_grid
         if clean:

@@ -333,6 +333,8 @@ class Trainer:
                     record |= {"skipped_steps": self.skipped_steps, "tokens_per_s": tok_s}
                     self.metrics.log(record)
                     shown = {k: values[k] for k in ("loss", "text_loss", "image_loss")}
+                    if values["video_loss"]:
+                        shown["video_loss"] = values["video_loss"]
                     progress.update(self.step, shown | {"tok/s": round(tok_s)}, force_line=True)
                 else:
                     progress.update(self.step, {k: values[k] for k in ("loss",)})
