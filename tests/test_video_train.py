@@ -25,8 +25,9 @@ def test_text_and_video_mix_trains_both(tmp_path):
                                "data.mix={text: 0.5, video: 0.5}"])  # fmt: skip
     summary = Trainer(cfg).run()
     rows = _rows(tmp_path / "tiny")
-    assert all(r["text_loss"] > 0 and r["image_loss"] == 0 for r in rows)
-    assert sum(r["video_loss"] > 0 for r in rows) >= 0.8 * len(rows)  # 2-row batches: mostly
+    assert all(r["image_loss"] == 0 for r in rows)
+    for key in ("text_loss", "video_loss"):  # 2-row batches hold both kinds nearly always
+        assert sum(r[key] > 0 for r in rows) >= 0.8 * len(rows), key
 
     def mean(key, part):
         return sum(r[key] for r in part) / len(part)
