@@ -109,8 +109,10 @@ class WorldOracle(nn.Module):
         return SimpleNamespace(image_pred=pred)
 
 
-@pytest.mark.parametrize("prediction", ["velocity", "x0"])
-def test_a_perfect_world_model_scores_one(run, prediction):
+@pytest.mark.parametrize(
+    "prediction,kind", [("velocity", "euler"), ("x0", "euler"), ("velocity", "stochastic")]
+)
+def test_a_perfect_world_model_scores_one(run, prediction, kind):
     """Checks the rollout end to end: the layout, the target block, the time grid, that each
     predicted frame is fed back as clean context, and the parse + score of every step."""
     data = run.cfg.data
@@ -121,7 +123,8 @@ def test_a_perfect_world_model_scores_one(run, prediction):
     )  # fmt: skip
     oracle = WorldOracle(torch.from_numpy(targets), steps=4, prediction=prediction)
     sampler = Sampler(oracle, run.tokenizer, data)
-    scores = world_scores(sampler, clips, ImageSampling(steps=4, cfg_scale=None))
+    opts = ImageSampling(steps=4, cfg_scale=None, sampler=kind)
+    scores = world_scores(sampler, clips, opts)
     assert oracle.calls == 4 * STEPS
     assert all(v == 1.0 for k, v in scores.items() if not k.endswith("confidence")), scores
     assert min(v for k, v in scores.items() if k.endswith("confidence")) > 0.99
@@ -219,3 +222,28 @@ def test_world_task_on_real_clips_reports_the_held_out_loss(tmp_path):
                     "data.vocab_size=300", "data.seq_len=128")  # fmt: skip
     out = run_tasks(run, ["world"], n=2)
     assert set(out) == {"world/video_loss"} and out["world/video_loss"] > 0
+
+
+def test_stochastic_sampler_renoises_the_clean_estimate(run):
+    from moesaic.evaluate.sampling import advance
+    from tests.sampling_utils import FlowOracle
+
+    x, v, fresh = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(advance(x, v, 0.2, 0.5, None), x + 0.3 * v)
+    x0 = x + 0.8 * v  # the clean estimate at t = 0.2
+    torch.testing.assert_close(advance(x, v, 0.2, 0.5, fresh), 0.5 * x0 + 0.5 * fresh)
+    torch.testing.assert_close(advance(x, v, 0.2, 1.0, fresh), x0)
+    data = run.cfg.data
+    scenes = [sample_scene(random.Random(i), "val") for i in range(2)]
+    target = np.stack([patchify(render(s, 16), data.patch_size) for s in scenes])
+    sampler = Sampler(FlowOracle(torch.from_numpy(target), "velocity"), run.tokenizer, data)
+    images = sampler.images(["a", "b"], ImageSampling(steps=5, cfg_scale=None,
+                                                      sampler="stochastic"))  # fmt: skip
+    np.testing.assert_allclose(images, np.stack([render(s, 16) for s in scenes]), atol=1e-4)
+    real = Sampler.from_run(run)
+    opts = ImageSampling(steps=3, cfg_scale=None, sampler="stochastic", seed=2)
+    a, b = real.images(["x", "y"], opts), real.images(["x", "y"], opts)
+    euler = real.images(["x", "y"], ImageSampling(steps=3, cfg_scale=None, seed=2))
+    assert np.array_equal(a, b) and not np.allclose(a, euler)
+    with pytest.raises(Exception, match="--sampler=heun"):
+        ImageSampling(sampler="heun").check()

@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=25, help="Euler steps for text-to-image")
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale for text-to-image")
     p.add_argument("--world-steps", type=int, default=3, help="actions per world rollout")
+    p.add_argument(
+        "--sampler", default="euler", choices=("euler", "stochastic"),
+        help="flow sampler for text-to-image and world rollouts",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
 
@@ -62,7 +66,9 @@ def _task_results(run, tasks: list[str], args: argparse.Namespace) -> dict:
     from moesaic.evaluate.tasks import chance_levels, run_tasks
 
     seed = run.cfg.eval.seed if args.seed is None else args.seed
-    image_opts = ImageSampling(steps=args.steps, cfg_scale=args.cfg, seed=seed)
+    image_opts = ImageSampling(
+        steps=args.steps, cfg_scale=args.cfg, seed=seed, sampler=args.sampler
+    )
     scores = run_tasks(
         run, tasks, args.n, seed, args.split, image_opts, TextSampling(seed=seed),
         world_steps=args.world_steps,
@@ -72,7 +78,7 @@ def _task_results(run, tasks: list[str], args: argparse.Namespace) -> dict:
         "task_options": {
             "tasks": tasks, "n": args.n, "split": args.split, "seed": seed,
             "steps": args.steps, "cfg": args.cfg, "decoding": "greedy",
-            "world_steps": args.world_steps, "world_cfg": None,
+            "world_steps": args.world_steps, "world_cfg": None, "sampler": args.sampler,
         },
     }  # fmt: skip
     if run.cfg.data.source == "world":

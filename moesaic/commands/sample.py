@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="Euler steps of the flow")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="euler", choices=("euler", "stochastic"))
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on generated tokens")
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(loaded.cfg.train)
     sampler = Sampler.from_run(loaded)
     if args.prompt is not None:
-        opts = ImageSampling(steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+        opts = ImageSampling(args.steps, args.cfg, seed=args.seed, sampler=args.sampler)
         image = sampler.images([args.prompt], opts)[0]
         out = Path(args.out)
         write_image(image, out, args.scale)
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action:
         from moesaic.evaluate.world_model import rollout_to_files
 
-        opts = ImageSampling(steps=args.steps, cfg_scale=None, seed=args.seed)
+        opts = ImageSampling(args.steps, None, seed=args.seed, sampler=args.sampler)
         rollout_to_files(sampler, image, args.action, Path(args.out), args.scale, opts)
         return 0
     text_opts = TextSampling(

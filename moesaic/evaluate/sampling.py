@@ -27,7 +27,11 @@ inside the block is bidirectional (the model's mask, from image_id). The velocit
 head's output, or `(x̂0 − x_t)/(1 − t)` when the model predicts x0. Classifier-free guidance
 mixes the two branches, `v = v_u + s·(v_c − v_u)` (s = 0: unconditional, s = 1: conditional).
 The time grid is `t_i = flow_time(1 − i/steps, shift)`, the training schedule's shift toward
-noise (`data.time_shift` by default; shift 1 = uniform steps).
+noise (`data.time_shift` by default; shift 1 = uniform steps). `sampler: stochastic` replaces
+the Euler step by re-noising the model's clean estimate: `x̂0 = x_t + (1 − t_i)·v`, then
+`x_{t_{i+1}} = t_{i+1}·x̂0 + (1 − t_{i+1})·ε_i` with fresh noise ε_i, so every input the
+model sees has the noise statistics of training; errors of early steps are not carried along
+the trajectory, which suits nearly deterministic targets such as the next frame of a world.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class ImageSampling:
     shift: float | None = None  # None: the run's data.time_shift
     seed: int = 0
     batch_size: int = 64
+    sampler: str = "euler"  # euler | stochastic (module doc)
 
     def check(self) -> ImageSampling:
         if self.steps < 1:
@@ -70,7 +75,23 @@ class ImageSampling:
             raise ConfigError(f"shift={self.shift} must be > 0 (1 = uniform time steps)")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.sampler not in ("euler", "stochastic"):
+            raise ConfigError(f"--sampler={self.sampler} is not one of euler, stochastic")
         return self
+
+    def step_noise(self, gen: torch.Generator, n: int, m: int, p: int) -> Tensor | None:
+        """Fresh noise of the stochastic sampler for n rows, [n, steps, m, p] (None: Euler)."""
+        if self.sampler != "stochastic":
+            return None
+        return torch.randn(n, self.steps, m, p, generator=gen)
+
+
+def advance(x: Tensor, v: Tensor, t0: float, t1: float, fresh: Tensor | None) -> Tensor:
+    """One sampling step from t0 to t1: Euler along v, or re-noise the clean estimate with
+    `fresh` noise (module doc)."""
+    if fresh is None:
+        return x + (t1 - t0) * v
+    return t1 * (x + (1.0 - t0) * v) + (1.0 - t1) * fresh.to(x.device, x.dtype)
 
 
 def time_grid(steps: int, shift: float) -> list[float]:
@@ -150,6 +171,7 @@ class Sampler:
             return np.zeros((0, S, S, C), dtype=np.float32)
         gen = torch.Generator().manual_seed(opts.seed)
         noise = torch.randn(len(prompts), m, P, generator=gen)
+        fresh = opts.step_noise(gen, len(prompts), m, P)
         grid = time_grid(opts.steps, data.time_shift if opts.shift is None else opts.shift)
         guided = opts.cfg_scale is not None
         out = []
@@ -160,13 +182,13 @@ class Sampler:
                 docs += [self._image_doc([], m)] * len(chunk)  # the dropped-caption layout
             batch = self._pack(docs)
             x = noise[lo : lo + len(chunk)].to(self.device)
-            for t0, t1 in zip(grid[:-1], grid[1:], strict=True):
+            for i, (t0, t1) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
                 if guided:
                     v_c, v_u = self._velocity(batch, torch.cat([x, x]), t0).chunk(2)
                     v = v_u + opts.cfg_scale * (v_c - v_u)
                 else:
                     v = self._velocity(batch, x, t0)
-                x = x + (t1 - t0) * v
+                x = advance(x, v, t0, t1, None if fresh is None else fresh[lo : lo + len(chunk), i])
             out.append(x.clamp(-1.0, 1.0).cpu())
         patches = torch.cat(out).numpy()
         return np.stack([unpatchify(p, S, data.patch_size) for p in patches]).astype(np.float32)
@@ -222,6 +244,7 @@ class Sampler:
         frames = [[patchify(im, data.patch_size)] for im in x0]
         tokens = [[self.tok.encode(a) for a in row] for row in actions]
         for k in range(K):
+            fresh = opts.step_noise(gen, len(x0), m, P)
             for lo in range(0, len(x0), opts.batch_size):
                 rows = range(lo, min(lo + opts.batch_size, len(x0)))
                 docs = [self._world_doc(frames[i], tokens[i][: k + 1], m) for i in rows]
@@ -230,13 +253,14 @@ class Sampler:
                 batch = self._pack(docs)
                 target = batch.image_loss
                 x = noise[lo : lo + len(rows), k].to(self.device)
-                for t0, t1 in zip(grid[:-1], grid[1:], strict=True):
+                for i, (t0, t1) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
                     if guided:
                         v_c, v_u = self._velocity(batch, torch.cat([x, x]), t0, target).chunk(2)
                         v = v_u + opts.cfg_scale * (v_c - v_u)
                     else:
                         v = self._velocity(batch, x, t0, target)
-                    x = x + (t1 - t0) * v
+                    f = None if fresh is None else fresh[lo : lo + len(rows), i]
+                    x = advance(x, v, t0, t1, f)
                 out = x.clamp(-1.0, 1.0).cpu().numpy()
                 for j, i in enumerate(rows):
                     frames[i].append(out[j])

@@ -233,7 +233,9 @@ def run_tasks(
     if "world" in tasks:
         from moesaic.evaluate.world_model import world_clips, world_scores
 
-        opts = world_opts or ImageSampling(steps=image_opts.steps, cfg_scale=None, seed=seed)
+        opts = world_opts or ImageSampling(
+            steps=image_opts.steps, cfg_scale=None, seed=seed, sampler=image_opts.sampler
+        )
         out |= world_scores(sampler, world_clips(n, seed, split, world_steps), opts)
     return out
 
