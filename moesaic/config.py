@@ -10,7 +10,6 @@ one-line message and a "did you mean" suggestion.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from pathlib import Path
@@ -18,15 +17,14 @@ from typing import Any
 
 import yaml
 
-from moesaic.errors import ConfigError
+from moesaic.errors import ConfigError, did_you_mean
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
 def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        hint = difflib.get_close_matches(value, choices, n=1)
-        extra = f"; did you mean '{hint[0]}'?" if hint else ""
+        extra = did_you_mean(value, choices, listing=False)
         raise ConfigError(f"{path}='{value}' is not one of {', '.join(choices)}{extra}")
 
 
@@ -53,7 +51,7 @@ class FFNConfig:
     aux_loss: float = 0.01  # α of the per-layer Switch load-balancing loss (0 = off)
     z_loss: float = 0.0  # β of the router z-loss (0 = off)
     bias_rate: float = 0.0  # γ of auxiliary-loss-free bias balancing (0 = off)
-    dispatch: str = "auto"  # auto | native | grouped_mm | padded | split
+    dispatch: str = "auto"  # auto | native | grouped_mm | split
 
     @property
     def active_experts(self) -> int:
@@ -63,6 +61,11 @@ class FFNConfig:
     def expert_hidden(self) -> int:
         return self.hidden // self.granularity
 
+    @property
+    def routed_experts(self) -> int:
+        """Routed experts per token: the active ones minus the always-on shared expert."""
+        return self.active_experts - (0 if self.shared == "none" else 1)
+
     def validate(self, path: str = "model.ffn") -> None:
         _check_choice(f"{path}.kind", self.kind, ("dense", "modality", "moe"))
         _check_positive(f"{path}.hidden", self.hidden)
@@ -71,9 +74,7 @@ class FFNConfig:
         _check_choice(f"{path}.shared", self.shared, ("none", "global", "per_modality"))
         _check_choice(f"{path}.groups", self.groups, ("none", "modality"))
         _check_choice(f"{path}.score", self.score, ("softmax", "sigmoid"))
-        _check_choice(
-            f"{path}.dispatch", self.dispatch, ("auto", "native", "grouped_mm", "padded", "split")
-        )
+        _check_choice(f"{path}.dispatch", self.dispatch, ("auto", "native", "grouped_mm", "split"))
         for name in ("experts", "granularity", "every"):
             _check_positive(f"{path}.{name}", getattr(self, name))
         for name in ("aux_loss", "z_loss", "bias_rate"):
@@ -85,12 +86,11 @@ class FFNConfig:
                 f"{path}.hidden={self.hidden} is not divisible by {path}.granularity="
                 f"{self.granularity}; pick a granularity that divides the FFN width"
             )
-        n_shared = {"none": 0, "global": 1, "per_modality": 1}[self.shared]
-        routed_k = self.active_experts - n_shared
+        routed_k = self.routed_experts
         if routed_k < 1:
             raise ConfigError(
                 f"{path}.top_k={self.active_experts} leaves no routed expert next to "
-                f"shared='{self.shared}'; use top_k >= {n_shared + 1} or granularity >= 2"
+                f"shared='{self.shared}'; use top_k >= 2 or granularity >= 2"
             )
         per_token_pool = self.experts // 2 if self.groups == "modality" else self.experts
         if self.groups == "modality" and self.experts % 2:
@@ -143,6 +143,7 @@ class ModelConfig:
         self.ffn.validate(f"{path}.ffn")
 
 
+CAPTION_REGISTERS = ("terse", "plain", "natural", "mixed")  # "mixed": each caption picks one
 MIX_KEYS = ("text", "caption_image", "image_caption", "vqa", "image")
 
 
@@ -202,7 +203,7 @@ class DataConfig:
         _check_choice(
             f"{path}.caption_register",
             self.caption_register,
-            ("terse", "plain", "natural", "mixed"),
+            CAPTION_REGISTERS,
         )
         if self.source not in ("world", "digits") and not self.paths:
             raise ConfigError(
@@ -210,8 +211,7 @@ class DataConfig:
             )
         for key, value in self.mix.items():
             if key not in MIX_KEYS:
-                hint = difflib.get_close_matches(key, MIX_KEYS, n=1)
-                extra = f"; did you mean '{hint[0]}'?" if hint else f" ({', '.join(MIX_KEYS)})"
+                extra = did_you_mean(key, MIX_KEYS)
                 raise ConfigError(f"unknown document kind '{path}.mix.{key}'{extra}")
             _check_positive(f"{path}.mix.{key}", value, allow_zero=True)
         if sum(self.mix.values()) <= 0:
@@ -382,8 +382,7 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
 
 def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
     where = f"{path}.{key}" if path else key
-    hint = difflib.get_close_matches(key, valid, n=1)
-    extra = f"; did you mean '{(path + '.' if path else '') + hint[0]}'?" if hint else ""
+    extra = did_you_mean(key, valid, prefix=f"{path}." if path else "", listing=False)
     return ConfigError(f"unknown config key '{where}'{extra}")
 
 
@@ -424,20 +423,22 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if preset.is_file():
         return preset
     names = preset_names()
-    hint = difflib.get_close_matches(str(name_or_path), names, n=1)
-    extra = f"; did you mean '{hint[0]}'?" if hint else f" (presets: {', '.join(names)})"
+    extra = did_you_mean(str(name_or_path), names)
     raise ConfigError(f"no preset or config file named '{name_or_path}'{extra}")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file that must hold a mapping, or a one-line ConfigError naming `what` it is."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML{where}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} '{path}' cannot be read ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping, not {type(data).__name__}")
+        raise ConfigError(f"{what} '{path}' must hold a mapping, not {type(data).__name__}")
     return data
 
 
@@ -446,7 +447,7 @@ def load_raw(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     path = resolve_config_path(name_or_path).resolve()
     if path in _seen:
         raise ConfigError(f"config '{path}' includes itself through 'base:'")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data

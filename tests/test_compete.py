@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from render_check import check_rendering, find_chromium
 
 from moesaic.analysis.tax import modality_tax
 from moesaic.cli import main
@@ -22,7 +23,6 @@ from moesaic.experiments.compete import (
 )
 from moesaic.experiments.presets import PRESETS, load_study
 from moesaic.experiments.summary import task_spec
-from moesaic.report.render_check import check_rendering, find_chromium
 
 SMOKE = ["--preset", "smoke"]
 

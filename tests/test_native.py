@@ -9,7 +9,8 @@ from model_utils import dispatch_gradcheck
 
 from moesaic.errors import ConfigError
 from moesaic.model import native
-from moesaic.model.dispatch import Experts, dispatch
+from moesaic.model.dispatch import dispatch
+from moesaic.model.experts import Experts, native_experts
 
 needs_compiler = pytest.mark.skipif(
     not native.compiler_found(), reason="no C++ compiler to build the kernel with"
@@ -100,7 +101,7 @@ def test_native_gradcheck(case, threads):
     scale.requires_grad_(True)
 
     def f(x, w1, w2, scale):
-        return native.experts(x, w1, w2, counts_E, scale)
+        return native_experts(x, w1, w2, counts_E, scale)
 
     assert torch.autograd.gradcheck(f, (x, w1, w2, scale))
     assert torch.autograd.gradcheck(lambda x, w1, w2: f(x, w1, w2, None), (x, w1, w2))
@@ -172,8 +173,8 @@ def test_native_refuses_other_devices():
     ex = experts(2, 8, 4, "native")
     x, w1, w2 = (t.detach().to("meta") for t in (torch.empty(3, 8), *ex.parameters()))
     with pytest.raises(ConfigError, match="runs on CPU only"):
-        ex.use_native(x, w1, w2)
-    assert not experts(2, 8, 4, "auto").use_native(x, w1, w2)
+        native.chosen(ex.backend, x, w1, w2)
+    assert not native.chosen("auto", x, w1, w2)
 
 
 @needs_compiler
@@ -185,18 +186,19 @@ def test_kernel_checks_counts():
 
 @needs_compiler
 @pytest.mark.parametrize("counts", [[5, 0, 7], [0, 0, 0]])
-def test_expert_parallel_local_experts_take_the_kernel(counts, monkeypatch):
-    """A rank's local experts (possibly without rows) run on the kernel and equal the loop."""
-    from moesaic.train import expert_parallel
+def test_compute_with_given_weights_takes_the_kernel(counts, monkeypatch):
+    """`Experts.compute` (what expert parallelism runs a rank's local experts through, possibly
+    without rows) takes the kernel on CPU and equals the loop."""
+    from moesaic.model import experts as experts_module
 
-    ex = experts(len(counts), 8, 4, "split")
+    ex = experts(len(counts), 8, 4, "auto")
     x, counts_E, scale = rows_and_counts(counts, 8)
     w1, w2 = ex.w_gate_up_EDH, ex.w_down_EHD
     calls = []
-    real = native.experts
-    monkeypatch.setattr(native, "experts", lambda *a: calls.append(1) or real(*a))
-    got = expert_parallel.local_experts(x, counts_E, scale, w1, w2, "auto")
-    want = expert_parallel.local_experts(x, counts_E, scale, w1, w2, "split")
+    real = experts_module.native_experts
+    monkeypatch.setattr(experts_module, "native_experts", lambda *a: calls.append(1) or real(*a))
+    got = ex.compute(x, w1, w2, counts_E, scale)
+    want = experts(len(counts), 8, 4, "split").compute(x, w1, w2, counts_E, scale)
     assert calls == [1] and got.shape == (sum(counts), 8)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -263,7 +265,7 @@ def test_counting_sort_equals_stable_argsort(T, k, E):
     expert_TK = torch.randint(0, max(1, E // 2), (T, k), generator=g)  # some experts get none
     want = sort_by_expert(expert_TK, E)
     got = sort_by_expert(expert_TK, E, counting=True)
-    for name in ("order_S", "token_S", "inverse_S", "counts_E", "expert_S"):
+    for name in ("order_S", "token_S", "inverse_S", "counts_E"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     with pytest.raises(RuntimeError, match="out of range"):
         sort_by_expert(torch.full((2, 1), E), E, counting=True)

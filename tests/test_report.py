@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from render_check import check_rendering, find_chromium
 
 from moesaic.analysis import sparsity
 from moesaic.analysis.specialization import routing_specialization
@@ -12,7 +13,6 @@ from moesaic.analysis.tax import LOSS_METRICS, tax_difference, tax_table
 from moesaic.jsonsafe import json_safe
 from moesaic.report import plots
 from moesaic.report.html import HtmlReport
-from moesaic.report.render_check import check_rendering, find_chromium
 from moesaic.report.study import plain_summary, study_report
 
 CHROMIUM = find_chromium()

@@ -162,10 +162,6 @@ def test_text_sampling_is_deterministic_given_a_seed(run, sampler):
 
 
 def test_cached_and_uncached_greedy_decoding_are_identical(run, sampler):
-    import moesaic.model.transformer as transformer
-
-    if not hasattr(transformer, "KVCache"):
-        pytest.skip("no KV cache in the model yet")
     images = _images(run, 3)
     kw = {"max_new_tokens": 12}
     cached = sampler.captions(images, TextSampling(use_cache=True, **kw))

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.evaluate.runs import load_run
+    from moesaic.train.runs import load_run
     from moesaic.train.runtime import set_threads
 
     tasks = None
@@ -39,7 +39,15 @@ def run(args: argparse.Namespace) -> int:
         tasks = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
     run = load_run(Path(args.run_dir), args.device)
     set_threads(run.cfg.train)
-    result = {"step": run.step, "losses": run.eval_losses(args.batches)}
+    for why in run.skipped:
+        print(f"warning: skipped a newer checkpoint: {why}")
+    print(f"evaluating {run.checkpoint} (step {run.step})")
+    result = {
+        "step": run.step,
+        "checkpoint": str(run.checkpoint),
+        "skipped_checkpoints": list(run.skipped),
+        "losses": run.eval_losses(args.batches),
+    }
     if tasks:
         result |= _task_results(run, tasks, args)
     out = Path(args.run_dir) / "eval.json"

@@ -83,8 +83,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.evaluate.runs import load_run
     from moesaic.evaluate.sampling import ImageSampling, Sampler, TextSampling
+    from moesaic.train.runs import load_run
     from moesaic.train.runtime import set_threads
 
     _check(args)

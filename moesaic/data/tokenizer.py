@@ -125,7 +125,7 @@ def world_corpus(seed: int) -> Iterator[str]:
     for i in range(TRAIN_DOCS):
         yield text.general_document(rng)
         scene = scenes.sample_scene(rng, "train")
-        yield captions.caption(scene, ("terse", "plain", "natural")[i % 3], rng)
+        yield captions.caption(scene, tuple(captions.REGISTERS)[i % 3], rng)
         if i % 4 == 0:
             q, a = captions.question_answer(scene, rng)
             yield f"{q} {a}"

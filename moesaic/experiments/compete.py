@@ -290,7 +290,7 @@ def task_metrics(run_dir: Path, variant: str, enabled: bool, n: int) -> dict[str
         if e.name == "moesaic.evaluate.tasks":
             return {}
         raise
-    from moesaic.evaluate.runs import load_run
+    from moesaic.train.runs import load_run
 
     raw = module.run_tasks(load_run(run_dir), tasks=tasks, n=n)
     metrics = {
@@ -387,6 +387,7 @@ def train_all(
 def analyze_joint_runs(study: StudyConfig, study_dir: Path, log: Callable) -> dict[str, Any]:
     """Specialisation + sparsity of each arm's joint run of the first seed (cached)."""
     from moesaic.analysis.runs import analyze_run
+    from moesaic.report.plots import save_analysis_figures
 
     out = {}
     seed = study.first_seed
@@ -403,4 +404,5 @@ def analyze_joint_runs(study: StudyConfig, study_dir: Path, log: Callable) -> di
                 continue
         log(f"analysing {run_dir.name}")
         out[arm] = analyze_run(run_dir, tokens=study.analyze_tokens)
+        save_analysis_figures(out[arm], run_dir / "analysis", title=run_dir.name)
     return out

@@ -10,14 +10,11 @@ training-config overrides appended to `overrides`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from moesaic.config import from_dict, parse_override
-from moesaic.errors import ConfigError
+from moesaic.config import from_dict, parse_override, read_yaml
+from moesaic.errors import ConfigError, did_you_mean
 from moesaic.experiments.arms import DEFAULT_ARMS, get_arm
 
 
@@ -169,16 +166,6 @@ def study_from_dict(data: dict[str, Any]) -> StudyConfig:
     return from_dict(StudyConfig, data, "study").validate()
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"study file '{path}' is not valid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"study file '{path}' must hold a mapping of study fields")
-    return data
-
-
 def load_study(
     config: str | None = None, preset: str | None = None, overrides: list[str] | None = None
 ) -> StudyConfig:
@@ -189,14 +176,12 @@ def load_study(
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"study file '{config}' does not exist")
-        file_data = _load_yaml(path)
+        file_data = read_yaml(path, "study file")
         preset = preset or file_data.pop("preset", None)
         file_data.pop("preset", None)
     if preset is not None:
         if preset not in PRESETS:
-            hint = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
-            extra = f"; did you mean '{hint[0]}'?" if hint else f" ({', '.join(PRESETS)})"
-            raise ConfigError(f"unknown study preset '{preset}'{extra}")
+            raise ConfigError(f"unknown study preset '{preset}'{did_you_mean(preset, PRESETS)}")
         data = dict(PRESETS[preset])
     data = {**data, **file_data}
     train_overrides = list(data.get("overrides", []))

@@ -167,31 +167,3 @@ def chosen(backend: str, x: Tensor, *weights: Tensor) -> bool:
             "use model.ffn.dispatch=auto"
         )
     return ok and (backend == "native" or available())
-
-
-class _NativeExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_SD, w1_EDH, w2_EHD, counts_E, scale_S):
-        ext = load()
-        y_SD, gate_up = ext.experts_forward(x_SD, w1_EDH, w2_EHD, counts_E, scale_S)
-        ctx.save_for_backward(x_SD, w1_EDH, w2_EHD, counts_E, scale_S, gate_up)
-        return y_SD
-
-    @staticmethod
-    def backward(ctx, g_SD):
-        x_SD, w1, w2, counts_E, scale_S, gate_up = ctx.saved_tensors
-        ext = load()
-        dx, dw1, dw2, dscale = ext.experts_backward(g_SD, x_SD, w1, w2, counts_E, scale_S, gate_up)
-        return dx, dw1, dw2, None, dscale if ctx.needs_input_grad[4] else None
-
-
-def experts(
-    x_SD: Tensor, w1_EDH: Tensor, w2_EHD: Tensor, counts_E: Tensor, scale_S: Tensor | None
-) -> Tensor:
-    """SwiGLU experts over rows sorted by expert, [S, D] -> [S, D], on the CPU kernel.
-
-    w1 [E, D, 2H] (gate | up), w2 [E, H, D], counts_E int64 rows per expert, scale_S (fp32 or
-    wider, or None) multiplies each row's activation before the down projection.
-    """
-    counts = counts_E.to(device="cpu", dtype=torch.int64)
-    return _NativeExperts.apply(x_SD, w1_EDH, w2_EHD, counts, scale_S)

@@ -270,13 +270,13 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Held-out losses per set, plus routing counts per MoE layer on the eval sets."""
         self.model.reset_routing_stats()
+        reduce = distributed.all_reduce_sum if self.world.distributed else None
+        losses = eval_losses(
+            self.model, self.eval_sets, self.device, self.autocast,
+            self.world.rank, self.world.world_size, reduce,
+        )  # fmt: skip
         if self.world.distributed:
-            losses = distributed.sharded_eval_losses(
-                self.model, self.eval_sets, self.device, self.autocast
-            )
             distributed.all_reduce_routing_stats(self.model)
-        else:
-            losses = eval_losses(self.model, self.eval_sets, self.device, self.autocast)
         routing = {
             str(layer): {k: v.tolist() for k, v in stats.items()}
             for layer, stats in self.model.routing_stats().items()
