@@ -151,6 +151,15 @@ def _default_mix() -> dict[str, float]:
     return {"text": 0.5, "caption_image": 0.25, "image_caption": 0.1, "vqa": 0.05, "image": 0.1}
 
 
+def _check_mix(path: str, mix: dict[str, float]) -> None:
+    for key, value in mix.items():
+        if key not in MIX_KEYS:
+            raise ConfigError(f"unknown document kind '{path}.{key}'{did_you_mean(key, MIX_KEYS)}")
+        _check_positive(f"{path}.{key}", value, allow_zero=True)
+    if sum(mix.values()) <= 0:
+        raise ConfigError(f"{path} has no positive weight; give at least one kind a weight > 0")
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where batches come from and how they are packed (design.md §2, §6)."""
@@ -164,6 +173,8 @@ class DataConfig:
     channels: int = 3
     # shares of document tokens per kind (normalised over the kinds the source provides)
     mix: dict[str, float] = dataclasses.field(default_factory=_default_mix)
+    # stacked sub-batches: each batch is batch_size rows of every listed mix (mix then ignored)
+    parts: list[dict[str, float]] = dataclasses.field(default_factory=list)
     caption_register: str = "terse"  # terse | plain | natural | mixed
     caption_loss: bool = True  # captions before images carry text loss (off: image-only arms)
     caption_dropout: float = 0.1  # on generation pairs, for classifier-free guidance
@@ -209,13 +220,10 @@ class DataConfig:
             raise ConfigError(
                 f"{path}.source='{self.source}' needs input files: set {path}.paths=[...]"
             )
-        for key, value in self.mix.items():
-            if key not in MIX_KEYS:
-                extra = did_you_mean(key, MIX_KEYS)
-                raise ConfigError(f"unknown document kind '{path}.mix.{key}'{extra}")
-            _check_positive(f"{path}.mix.{key}", value, allow_zero=True)
-        if sum(self.mix.values()) <= 0:
-            raise ConfigError(f"{path}.mix has no positive weight; give at least one source > 0")
+        for where, mix in [(f"{path}.mix", self.mix)] + [
+            (f"{path}.parts[{i}]", part) for i, part in enumerate(self.parts)
+        ]:
+            _check_mix(where, mix)
 
 
 @dataclasses.dataclass

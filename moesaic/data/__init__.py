@@ -13,6 +13,7 @@ from moesaic.config import DataConfig
 from moesaic.data.eval_sets import build_eval_sets
 from moesaic.data.packing import DocOptions, Source, Stream
 from moesaic.data.shift import caption_shift, measure_caption_shift
+from moesaic.data.stacked import StackedStream
 from moesaic.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer
 from moesaic.data.world.generators import WorldSource
 
@@ -28,14 +29,21 @@ def make_source(cfg: DataConfig, split: str = "train") -> Source:
 
 def build_stream(
     cfg: DataConfig, tok: Tokenizer, split: str = "train", rank: int = 0, world_size: int = 1
-) -> Stream:
-    """The training stream of rank `rank` of `world_size` (disjoint documents per rank)."""
+) -> Stream | StackedStream:
+    """The training stream of rank `rank` of `world_size` (disjoint documents per rank); with
+    `data.parts`, one stream per part whose batches are stacked (`stacked.py`)."""
+    if cfg.parts:
+        return StackedStream(
+            [Stream(cfg, tok, make_source(cfg, split), split, rank, world_size, mix=part)
+             for part in cfg.parts]
+        )  # fmt: skip
     return Stream(cfg, tok, make_source(cfg, split), split, rank, world_size)
 
 
 __all__ = [
     "SPECIAL_TOKENS",
     "DocOptions",
+    "StackedStream",
     "Stream",
     "Tokenizer",
     "build_eval_sets",

@@ -5,6 +5,8 @@
     image     caption → image: flow loss on the image at a fixed grid of flow times
               (`EVAL_TIME_GRID` midpoints of (0, 1), cycled over images) with fixed noise;
               the caption is context only (no text loss, never dropped)
+    image_uncond  the same images, noise and flow times with the caption dropped (the
+              unconditional generation classifier-free guidance uses)
     caption   image → caption: clean image, text loss on the caption (and boi / eos)
 
 Everything — documents, noise, flow times — derives from the `seed` argument (the config's
@@ -29,6 +31,7 @@ EVAL_SETS = {
     "text": ("text", 1),
     "ood_text": ("ood_text", 2),
     "image": ("caption_image", 3),
+    "image_uncond": ("caption_image", 3),  # the same documents as "image", captions dropped
     "caption": ("image_caption", 4),
 }
 
@@ -41,8 +44,8 @@ def build_eval_sets(
     split: str = "val",
     source_factory: Callable[[DataConfig, str], Source] | None = None,
 ) -> dict[str, list[Batch]]:
-    """{"text", "ood_text", "image", "caption"} → `n_batches` Batches each ("text" only when
-    the source has text, "image"/"caption" only when it has images)."""
+    """{"text", "ood_text", "image", "image_uncond", "caption"} → `n_batches` Batches each
+    ("text" only when the source has text, the image sets only when it has images)."""
     from moesaic.data import make_source
 
     world = WorldSource(split, cfg.caption_register, max(cfg.image_size, 15))
@@ -54,7 +57,7 @@ def build_eval_sets(
             continue
         opts = DocOptions(
             caption_loss=False,
-            caption_dropout=0.0,
+            caption_dropout=1.0 if name == "image_uncond" else 0.0,
             time_shift=cfg.time_shift,
             understanding_noise=0.0,
             t_grid=tuple(eval_time_grid(EVAL_TIME_GRID)) if kind == "caption_image" else (),

@@ -285,6 +285,12 @@ def restart_stream_state(states: list[dict[str, Any]], rank: int, world_size: in
     never repeated. Token shares (`produced`) are carried over per rank, so the mix stays on
     target; counts of skipped records and statistics go to rank 0.
     """
+    if "parts" in states[0]:  # stacked sub-batches: every part restarts on its own
+        parts = [
+            restart_stream_state([s["parts"][i] for s in states], rank, world_size)
+            for i in range(len(states[0]["parts"]))
+        ]
+        return {**states[0], "rank": rank, "world_size": world_size, "parts": parts}
     try:
         old = len(states)
         kinds = list(states[0]["counters"])

@@ -27,7 +27,7 @@ import torch
 from moesaic.config import Config
 from moesaic.data import build_eval_sets, build_stream, load_tokenizer
 from moesaic.errors import CheckpointError, ConfigError, MoesaicError
-from moesaic.evaluate.losses import eval_losses
+from moesaic.evaluate.losses import evaluate
 from moesaic.files import atomic_write_text, cache_dir
 from moesaic.model import Transformer
 from moesaic.model.moe import update_router_biases
@@ -267,11 +267,12 @@ class Trainer:
             "skipped": not finite,
         }
 
-    def evaluate(self) -> dict[str, Any]:
-        """Held-out losses per set, plus routing counts per MoE layer on the eval sets."""
+    def evaluate(self) -> tuple[dict[str, Any], dict[str, list]]:
+        """(held-out losses per set plus routing counts per MoE layer on the eval sets, the
+        losses of every eval batch)."""
         self.model.reset_routing_stats()
         reduce = distributed.all_reduce_sum if self.world.distributed else None
-        losses = eval_losses(
+        result = evaluate(
             self.model, self.eval_sets, self.device, self.autocast,
             self.world.rank, self.world.world_size, reduce,
         )  # fmt: skip
@@ -282,7 +283,7 @@ class Trainer:
             for layer, stats in self.model.routing_stats().items()
         }
         self.model.reset_routing_stats()
-        return {"losses": losses, "routing": routing}
+        return {"losses": result.means, "routing": routing}, result.batches
 
     # ------------------------------------------------------------------ the loop
 
@@ -340,7 +341,7 @@ class Trainer:
                     and self.step % cfg.eval.every == 0
                     and self.step < cfg.train.steps
                 ):
-                    self.metrics.log({"kind": "eval", "step": self.step, **self.evaluate()})
+                    self.metrics.log({"kind": "eval", "step": self.step, **self.evaluate()[0]})
                 every = cfg.train.checkpoint_every
                 if every and self.step % every == 0 and self.step < cfg.train.steps:
                     self.save_checkpoint()
@@ -354,9 +355,10 @@ class Trainer:
         self.save_checkpoint()
         summary = self._summary(status)
         if status == "finished":
-            final = self.evaluate()
+            final, per_batch = self.evaluate()
             self.metrics.log({"kind": "eval", "step": self.step, **final})
             summary["eval"] = final["losses"]
+            summary["eval_batches"] = per_batch
             if self.world.is_main:
                 text = json.dumps(summary, indent=1)
                 atomic_write_text(self.run_dir / "summary.json", text)

@@ -1,0 +1,189 @@
+"""Statistics of a study: per-seed values summarised with 95 % t-intervals, paired comparisons
+with t-test and exact sign-flip p-values, and Holm's correction across the metrics of a table.
+
+Every experiment reports numbers through these functions, so "significant" means the same
+thing everywhere:
+
+* `Stat.of(values)`: mean, sample sd (ddof 1), standard error, and the two-sided 95 %
+  t-interval mean ± t(0.975, n−1)·se over the finite values (NaN marks a missing seed).
+* `paired(a, b)`: the per-seed differences a_i − b_i of two arms that share seeds (same
+  initialisation and data order), their `Stat`, the two-sided one-sample t-test p-value of
+  mean 0, and — with at least `SIGN_FLIP_MIN_N` pairs — the exact sign-flip (permutation)
+  p-value: the share of the 2^n sign assignments whose |mean| is at least the observed one.
+  The sign-flip test assumes only that differences are symmetric about 0 under the null, not
+  normal; with fewer pairs its smallest possible p-value (2/2^n) is too coarse to be useful.
+* `holm(p)`: Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1), which control
+  the family-wise error rate over the metrics of one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from scipy import stats as sps
+
+CONFIDENCE = 0.95
+SIGN_FLIP_MIN_N = 6
+SIGN_FLIP_MAX_N = 20  # 2^20 sign assignments; beyond that a seeded Monte Carlo would be needed
+
+
+def _json(v: float) -> float | None:
+    """JSON has no NaN: undefined numbers are written as null."""
+    return float(v) if math.isfinite(v) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """Mean, sample sd, standard error and 95 % t-interval of the finite values."""
+
+    mean: float
+    std: float
+    n: int
+    values: tuple[float, ...]
+    se: float = float("nan")
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+
+    @classmethod
+    def of(cls, values: Iterable[float | None]) -> Stat:
+        vals = tuple(float("nan") if v is None else float(v) for v in values)
+        finite = [v for v in vals if math.isfinite(v)]
+        n = len(finite)
+        mean = sum(finite) / n if n else float("nan")
+        if n < 2:
+            return cls(mean, float("nan"), n, vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1))
+        se = std / math.sqrt(n)
+        half = float(sps.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * se
+        return cls(mean, std, n, vals, se, mean - half, mean + half)
+
+    @property
+    def missing(self) -> int:
+        return len(self.values) - self.n
+
+    def excludes_zero(self) -> bool:
+        return self.ci_low > 0 or self.ci_high < 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean": _json(self.mean),
+            "std": _json(self.std),
+            "se": _json(self.se),
+            "ci95": [_json(self.ci_low), _json(self.ci_high)],
+            "n": self.n,
+            "values": [_json(v) for v in self.values],
+        }
+
+    def format(self, digits: int = 2, unit: str = "", signed: bool = False) -> str:
+        """`mean [low, high]unit`, or `mean unit (n=1)` without an interval, `—` if undefined."""
+        return format_interval(self.mean, self.ci_low, self.ci_high, digits, unit, signed)
+
+
+def format_interval(
+    mean: float | None,
+    low: float | None,
+    high: float | None,
+    digits: int = 2,
+    unit: str = "",
+    signed: bool = False,
+) -> str:
+    """One way to print a mean and its 95 % interval everywhere (terminal, report)."""
+    mean = float("nan") if mean is None else float(mean)
+    if not math.isfinite(mean):
+        return "—"
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    text = fmt.format(mean)
+    if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
+        text += f" [{fmt.format(low)}, {fmt.format(high)}]"
+    return text + unit
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+    """Per-seed differences a − b with their interval and p-values (`p_holm` set by `holm`)."""
+
+    diff: Stat
+    p_t: float
+    p_sign_flip: float | None = None
+    p_holm: float | None = None
+
+    @property
+    def p(self) -> float:
+        """The test used for decisions: sign-flip when available, else the t-test."""
+        return self.p_t if self.p_sign_flip is None else self.p_sign_flip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.diff.to_dict(),
+            "p_t": _json(self.p_t),
+            "p_sign_flip": None if self.p_sign_flip is None else _json(self.p_sign_flip),
+            "p_holm": None if self.p_holm is None else _json(self.p_holm),
+        }
+
+
+def t_test_p(diffs: Sequence[float]) -> float:
+    """Two-sided one-sample t-test of mean 0 (NaN with fewer than 2 values or zero spread)."""
+    d = [x for x in diffs if math.isfinite(x)]
+    if len(d) < 2:
+        return float("nan")
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    if sd == 0.0:
+        return 0.0 if mean != 0.0 else 1.0
+    t = mean / (sd / math.sqrt(len(d)))
+    return float(2 * sps.t.sf(abs(t), len(d) - 1))
+
+
+def sign_flip_p(diffs: Sequence[float]) -> float:
+    """Exact two-sided sign-flip p-value of mean 0: the share of all 2^n sign assignments whose
+    |mean| is at least the observed |mean| (the observed assignment included)."""
+    d = [x for x in diffs if math.isfinite(x)]
+    n = len(d)
+    if n == 0:
+        return float("nan")
+    if n > SIGN_FLIP_MAX_N:
+        raise ValueError(f"exact sign-flip test enumerates 2^n assignments; n={n} is too many")
+    observed = abs(sum(d)) * (1 - 1e-12)  # ties count as extreme, robust to rounding
+    hits = sum(
+        abs(sum(s * x for s, x in zip(signs, d, strict=True))) >= observed
+        for signs in itertools.product((1.0, -1.0), repeat=n)
+    )
+    return hits / 2**n
+
+
+def paired(a: Sequence[float | None], b: Sequence[float | None]) -> Paired:
+    """Compare two arms seed by seed: a[i] pairs with b[i]; a missing value drops the pair."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in length: {len(a)} vs {len(b)}")
+    nan = float("nan")
+    diffs = [
+        (nan if x is None else float(x)) - (nan if y is None else float(y))
+        for x, y in zip(a, b, strict=True)
+    ]
+    stat = Stat.of(diffs)
+    finite = [x for x in diffs if math.isfinite(x)]
+    flip = sign_flip_p(finite) if len(finite) >= SIGN_FLIP_MIN_N else None
+    return Paired(stat, t_test_p(finite), flip)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the input order (NaN stays NaN, not counted)."""
+    idx = [i for i, p in enumerate(pvalues) if math.isfinite(p)]
+    m = len(idx)
+    out = [float("nan")] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def with_holm(tests: dict[str, Paired]) -> dict[str, Paired]:
+    """The same comparisons with `p_holm` filled in across the family `tests`."""
+    keys = list(tests)
+    adjusted = holm([tests[k].p for k in keys])
+    return {k: dataclasses.replace(tests[k], p_holm=a) for k, a in zip(keys, adjusted, strict=True)}
