@@ -68,7 +68,7 @@ def test_folder_source_trains_and_evaluates(tmp_path):
         b.validate()
     assert b.image_mask.any() and stream.skipped == {}
     sets = build_eval_sets(cfg, tok, seed=0, n_batches=1)
-    assert set(sets) == {"ood_text", "image", "caption"}  # no general text in an image folder
+    assert set(sets) == {"ood_text", "image", "image_uncond", "caption"}  # no general text here
     for s in sets.values():
         s[0].validate()
     train = make_source(cfg, "train").items

@@ -17,7 +17,7 @@ import torch
 
 from moesaic.cli import build_parser
 from moesaic.config import MIX_KEYS, Config
-from moesaic.experiments.presets import StudyConfig
+from moesaic.experiments.engine import EXPERIMENTS, get_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -152,9 +152,15 @@ def _field_type(cls: type, name: str):
 
 
 def config_key_exists(key: str) -> bool:
+    """A dotted training-config key, or a `study.` key of any experiment's study config."""
     parts = key.split(".")
-    node: typing.Any = StudyConfig if parts[0] == "study" else Config
-    parts = parts[1:] if parts[0] == "study" else parts
+    if parts[0] == "study":
+        classes = [get_experiment(name).config_class for name in EXPERIMENTS]
+        return any(_key_in(cls, parts[1:]) for cls in classes)
+    return _key_in(Config, parts)
+
+
+def _key_in(node: typing.Any, parts: list[str]) -> bool:
     for i, part in enumerate(parts):
         if part == "*":
             return dataclasses.is_dataclass(node)
@@ -200,7 +206,8 @@ def test_config_keys_named_in_docs_exist():
         ("data.mix.txt", False),
         ("logging.*", True),
         ("study.lr.moe", True),
-        ("study.text_steps", True),
+        ("study.steps", True),
+        ("study.text_steps", False),
         ("train.warmup_steps", False),
     ],
 )

@@ -387,4 +387,16 @@ class Trainer:
             "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9),
             "skipped_steps": self.skipped_steps,
             "data_skipped": dict(self.stream.skipped),
+            "data_produced": self._produced(),
         }
+
+    def _produced(self) -> dict[str, int]:
+        """Document tokens drawn per kind (padding excluded), summed over ranks."""
+        produced = dict(self.stream.produced)
+        if self.world.distributed:
+            total: dict[str, int] = {}
+            for part in distributed.all_gather_object(produced):
+                for kind, n in part.items():
+                    total[kind] = total.get(kind, 0) + n
+            produced = total
+        return produced
