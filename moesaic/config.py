@@ -198,9 +198,15 @@ class MemoryConfig:
                 )
         if len(set(self.orders)) != len(self.orders):
             raise ConfigError(f"{path}.orders={self.orders} repeats an order; list each once")
-        for name in ("heads", "dim"):
-            _check_positive(f"{path}.{name}", getattr(self, name))
-        _check_positive(f"{path}.conv_kernel", self.conv_kernel, allow_zero=True)
+        for name, example in (("heads", 4), ("dim", 32)):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{path}.{name}={getattr(self, name)} must be >= 1; use e.g. {example}"
+                )
+        if self.conv_kernel < 0:
+            raise ConfigError(
+                f"{path}.conv_kernel={self.conv_kernel} must be >= 0; use 4, or 0 for no conv"
+            )
         if len(self.table_moduli()) < self.tables:
             raise ConfigError(
                 f"{path}.table_rows={self.table_rows} has fewer than {self.tables} primes below "

@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "moe": ("moesaic.bench.moe", "one MoE layer vs a FLOP-matched dense FFN and peer MoEs"),
     "train": ("moesaic.bench.train", "training tokens/s and MFU, dense vs MoE"),
     "sample": ("moesaic.bench.sample", "images/s and caption tokens/s; cached vs uncached"),
+    "memory": ("moesaic.bench.memory", "n-gram memory's share of a training step"),
 }
 
 

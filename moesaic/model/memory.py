@@ -127,19 +127,28 @@ def causal_doc_conv(
 ) -> tuple[Tensor, Tensor]:
     """Depthwise causal convolution out_t = Σ_k w[:, k] ⊙ z_{t-k} over positions t-k of t's
     document. `prev_z` [B, K-1, D] holds the inputs of the cached positions before the chunk
-    (None: there are none). Returns the output and the last K-1 inputs (for the next chunk)."""
+    (None: there are none). Returns the output and the last K-1 inputs (for the next chunk).
+
+    One `conv1d` over the whole row; then the outputs of the few positions with a tap in an
+    earlier document (the first K-1 of each document) are replaced by sums over their own
+    document's taps only, so no value or gradient crosses a document boundary."""
     B, L, D = z_BLD.shape
     K = w_DK.shape[1]
     if prev_z is None:
         prev_z = z_BLD.new_zeros(B, K - 1, D)
-    z = torch.cat([prev_z.to(z_BLD.dtype), z_BLD], dim=1)
+    z = torch.cat([prev_z.to(z_BLD.dtype), z_BLD], dim=1)  # [B, K-1+L, D]
+    w_DK = w_DK.to(z.dtype)
+    out_BLD = F.conv1d(z.transpose(1, 2), w_DK.flip(1).unsqueeze(1), groups=D).transpose(1, 2)
     doc = torch.cat([prev_doc_BH[:, prev_doc_BH.shape[1] - (K - 1) :], doc_BL], dim=1)
-    out = z_BLD * w_DK[:, 0]
-    for k in range(1, K):
-        back = slice(K - 1 - k, K - 1 - k + L)
-        same_doc = (doc[:, back] == doc_BL).unsqueeze(-1)
-        out = out + torch.where(same_doc, z[:, back] * w_DK[:, k], 0.0)
-    return out, z[:, L:]
+    pos = torch.arange(L, device=doc.device)
+    src_LK = pos.unsqueeze(1) + (K - 1) - torch.arange(K, device=doc.device)  # tap k: t-k in z
+    same_BLK = doc[:, src_LK] == doc_BL.unsqueeze(-1)
+    b, t = (~same_BLK).any(-1).nonzero(as_tuple=True)
+    if b.numel():
+        taps_PKD = z[b.unsqueeze(1), src_LK[t]] * w_DK.T
+        own_PKD = torch.where(same_BLK[b, t].unsqueeze(-1), taps_PKD, 0.0)
+        out_BLD = out_BLD.index_put((b, t), own_PKD.sum(1))
+    return out_BLD, z[:, L:]
 
 
 class NgramMemory(nn.Module):

@@ -159,14 +159,16 @@ class LazyRowAdamW(torch.optim.AdamW):
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         step = float(state["step"])
-        p_rows, m_rows, v_rows = (t.index_select(0, rows) for t in (param, exp_avg, exp_avg_sq))
-        p_rows.mul_(1 - lr * wd)
+        m_rows, v_rows = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
         m_rows.lerp_(g, 1 - beta1)
         v_rows.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v_rows.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-        p_rows.addcdiv_(m_rows, denom, value=-lr / (1 - beta1**step))
-        for full, part in ((param, p_rows), (exp_avg, m_rows), (exp_avg_sq, v_rows)):
-            full.index_copy_(0, rows, part)
+        exp_avg.index_copy_(0, rows, m_rows)
+        exp_avg_sq.index_copy_(0, rows, v_rows)
+        denom = (v_rows.sqrt_() / math.sqrt(1 - beta2**step)).add_(eps)
+        delta = m_rows.div_(denom).mul_(-lr / (1 - beta1**step))
+        if wd:  # decoupled decay of the same rows: p ← p − lr·wd·p − lr·m̂ / (√v̂ + eps)
+            delta.add_(param.index_select(0, rows), alpha=-lr * wd)
+        param.index_add_(0, rows, delta)  # one pass over the rows of the large table
 
 
 def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
