@@ -147,7 +147,7 @@ def causal_doc_conv(
     if b.numel():
         taps_PKD = z[b.unsqueeze(1), src_LK[t]] * w_DK.T
         own_PKD = torch.where(same_BLK[b, t].unsqueeze(-1), taps_PKD, 0.0)
-        out_BLD = out_BLD.index_put((b, t), own_PKD.sum(1))
+        out_BLD = out_BLD.index_put((b, t), own_PKD.sum(1).to(out_BLD.dtype))
     return out_BLD, z[:, L:]
 
 
