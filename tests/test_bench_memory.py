@@ -38,4 +38,5 @@ def test_bench_memory_writes_ratios_to_the_reference(tmp_path, capsys):
     opt = report["optimizer_step"]
     assert opt["table_rows"] == tables and opt["lookups"] == 2 * 64 * 4
     assert opt["dense_adamw_share_of_reference_step"] > 0 < opt["lazy_rows_share_of_reference_step"]
+    assert opt["cpu_dense_adamw_share_of_reference_step"] > 0
     assert "memory, lazy Adam" in capsys.readouterr().out
