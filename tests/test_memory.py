@@ -164,6 +164,7 @@ def test_images_and_padding_get_no_memory():
     mem = model.blocks[0].memory
     use = text
     rows = mem.rows(ngram_context(batch.tokens, batch.doc_id, use, model.cfg.memory))
+    assert (rows[image | pad] == NO_NGRAM).all()  # nothing is even looked up there
     after_image = (batch.tokens == EOI) & text
     assert after_image.any() and (rows[after_image] == NO_NGRAM).all()
     before = torch.roll(batch.tokens, 1, dims=1) == BOS
