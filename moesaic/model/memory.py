@@ -159,7 +159,7 @@ class NgramMemory(nn.Module):
         mem = cfg.memory
         moduli = mem.table_moduli()
         offsets = [1 + sum(moduli[:j]) for j in range(mem.tables)]
-        self.dim, self.lazy_adam = cfg.dim, mem.lazy_adam
+        self.lazy_adam = mem.lazy_adam  # how the optimizer treats the table (train/optim.py)
         self.sparse_grads = False
         self.table = nn.Parameter(torch.empty(1 + sum(moduli), mem.dim))
         self.register_buffer(

@@ -196,7 +196,7 @@ class Block(nn.Module):
         kv: LayerKV | None = None,
         ngrams: memory.NgramContext | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        if self.memory is not None:
+        if self.memory is not None:  # its own residual add, first: attention and FFN see it
             x_BLD = x_BLD + self.memory(x_BLD, ngrams, kv)
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, mask, kv)
         B, L, D = x_BLD.shape
