@@ -180,15 +180,14 @@ def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float) -> torch.Te
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     for p in sparse:
         p.grad = p.grad.coalesce()
-    dense = [p.grad for p in params if not p.grad.is_sparse]
+    dense = [p for p in params if not p.grad.is_sparse]
     norms = [torch.linalg.vector_norm(p.grad.values()) for p in sparse]
     if dense:
-        norms.append(torch.nn.utils.get_total_norm(dense))
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in dense]))
     total = torch.linalg.vector_norm(torch.stack(norms))
     if math.isfinite(max_norm):
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if not p.grad.is_sparse],
-                                             max_norm, total)  # fmt: skip
+        torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch scales the dense ones
         for p in sparse:
             p.grad.values().mul_(scale)
     return total
