@@ -319,3 +319,41 @@ def test_fsdp_shards_the_tables_and_trains_like_one_process():
     start = Transformer(memory_config(layers=[0, 1])).blocks[0].memory.table.detach()
     moved = (ref["weights"]["blocks.0.memory.table"] != start).any(1)
     assert 0 < moved.sum() < moved.numel()  # lazy: rows no rank read did not move
+
+
+def _save_sharded(root: str) -> dict:
+    import torch.distributed as dist
+
+    from moesaic.model import Transformer
+    from moesaic.train import dist_checkpoint as C
+    from moesaic.train import distributed as D
+    from tests.test_distributed_model import _full_optimizer_state
+
+    torch.manual_seed(0)
+    model = Transformer(memory_config(layers=[0, 1]))
+    D.parallelize(model, DistConfig(), torch.device("cpu"))
+    opt = build_optimizer(model, TrainConfig(lr=1e-2, warmup=0))
+    model(random_batch(2, 32, seed=dist.get_rank())).loss.backward()
+    opt.step()
+    state = {"config_fingerprint": "f", "data": {}, "trainer": {}}
+    path = C.save_sharded_checkpoint(root, 1, model, opt, {"cpu": torch.get_rng_state()}, state, 2)
+    return {"path": str(path), "weights": C.full_model_state(model),
+            "optim": _full_optimizer_state(model, opt)}  # fmt: skip
+
+
+def test_sharded_checkpoint_of_memory_tables_loads_into_one_process(tmp_path):
+    from moesaic.model import Transformer
+    from moesaic.train import dist_checkpoint as C
+    from tests.test_distributed_model import _assert_same, _full_optimizer_state
+
+    saved = run_distributed(_save_sharded, 2, str(tmp_path))[0]
+    assert any(k.endswith("memory.table/exp_avg_sq") for k in saved["optim"])
+    torch.manual_seed(1)
+    model = Transformer(memory_config(layers=[0, 1]))
+    opt = build_optimizer(model, TrainConfig(lr=1e-2, warmup=0))
+    C.load_dcp(f"{saved['path']}/dcp", model, opt)
+    _assert_same(model.state_dict(), saved["weights"])
+    _assert_same(_full_optimizer_state(model, opt), saved["optim"])
+    model(random_batch(2, 32, seed=7)).loss.backward()  # and it trains on: sparse gradients
+    opt.step()
+    assert memory_layers(model)[0].table.grad.is_sparse
