@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from moesaic.errors import ConfigError, did_you_mean
+from moesaic.primes import largest_primes, nth_prime
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -105,6 +106,70 @@ class FFNConfig:
             )
 
 
+TEXT_KINDS = ("text", "caption_image", "image_caption", "vqa")
+
+
+@dataclasses.dataclass
+class MemoryConfig:
+    """Hashed n-gram lookup memory added to the residual stream of chosen blocks
+    (`model/memory.py`, docs/model-memory.md). Off while `layers` is empty."""
+
+    layers: list[int] = dataclasses.field(default_factory=list)  # block indices (0-based)
+    orders: list[int] = dataclasses.field(default_factory=lambda: [2, 3])  # n-gram orders >= 2
+    heads: int = 4  # hash heads per order: one table each
+    table_rows: int = 32768  # rows per table, rounded down to distinct primes (the moduli)
+    dim: int = 32  # width of a table row
+    conv_kernel: int = 4  # causal depthwise conv width inside the document (0 = no conv)
+    lazy_adam: bool = True  # Adam updates only looked-up rows (false: dense AdamW, slow)
+
+    @property
+    def tables(self) -> int:
+        """Tables per memory layer: one per (order, hash head)."""
+        return len(self.orders) * self.heads
+
+    def table_moduli(self) -> tuple[int, ...]:
+        """Rows of each table, order-major (all heads of orders[0] first): the `tables`
+        largest primes <= table_rows, so no two tables share a modulus."""
+        return largest_primes(self.table_rows, self.tables)
+
+    def validate(self, path: str = "model.memory", num_layers: int = 0) -> None:
+        if not self.layers:
+            return
+        for i in self.layers:
+            if not 0 <= i < num_layers:
+                raise ConfigError(
+                    f"{path}.layers contains {i}, but blocks are numbered 0..{num_layers - 1}; "
+                    f"use indices in [0, {num_layers})"
+                )
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"{path}.layers={self.layers} repeats a block; list each once")
+        if not self.orders:
+            raise ConfigError(f"{path}.orders is empty; give n-gram orders, e.g. [2, 3]")
+        for n in self.orders:
+            if n < 2:
+                raise ConfigError(
+                    f"{path}.orders contains {n}: an n-gram order must be >= 2 (order 1 is the "
+                    "token embedding); use e.g. [2, 3]"
+                )
+        if len(set(self.orders)) != len(self.orders):
+            raise ConfigError(f"{path}.orders={self.orders} repeats an order; list each once")
+        for name, example in (("heads", 4), ("dim", 32)):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{path}.{name}={getattr(self, name)} must be >= 1; use e.g. {example}"
+                )
+        if self.conv_kernel < 0:
+            raise ConfigError(
+                f"{path}.conv_kernel={self.conv_kernel} must be >= 0; use 4, or 0 for no conv"
+            )
+        if len(self.table_moduli()) < self.tables:
+            raise ConfigError(
+                f"{path}.table_rows={self.table_rows} has fewer than {self.tables} primes below "
+                f"it for {self.tables} tables ({len(self.orders)} orders x {self.heads} heads); "
+                f"use table_rows >= {nth_prime(self.tables)}"
+            )
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """The unified transformer (design.md §1–3)."""
@@ -123,6 +188,7 @@ class ModelConfig:
     image_loss_weight: float = 3.0  # λ in L = L_text + λ·L_image
     attention: str = "auto"  # auto | sdpa | flex (flex needs CUDA)
     ffn: FFNConfig = dataclasses.field(default_factory=FFNConfig)
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
 
     def validate(self, path: str = "model") -> None:
         for name in ("dim", "layers", "heads"):
@@ -141,6 +207,7 @@ class ModelConfig:
         _check_choice(f"{path}.prediction", self.prediction, ("velocity", "x0"))
         _check_choice(f"{path}.attention", self.attention, ("auto", "sdpa", "flex"))
         self.ffn.validate(f"{path}.ffn")
+        self.memory.validate(f"{path}.memory", self.layers)
 
 
 CAPTION_REGISTERS = ("terse", "plain", "natural", "mixed")  # "mixed": each caption picks one
@@ -315,6 +382,15 @@ class Config:
                 sub.validate(f.name)
         if not self.name or "/" in self.name:
             raise ConfigError(f"name='{self.name}' must be a non-empty name without '/'")
+        mixes = self.data.parts or [self.data.mix]
+        if self.model.memory.layers and not any(
+            mix.get(k, 0) > 0 for mix in mixes for k in TEXT_KINDS
+        ):
+            raise ConfigError(
+                f"model.memory.layers={self.model.memory.layers} needs text, but data.mix gives "
+                f"weight to no document with words ({', '.join(TEXT_KINDS)}); add one "
+                "(e.g. data.mix.text=0.5) or set model.memory.layers=[]"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("moesaic.bench.train", "training tokens/s and MFU, dense vs MoE"),
     "sample": ("moesaic.bench.sample", "images/s and caption tokens/s; cached vs uncached"),
     "study": ("moesaic.bench.study", "a study run's steps/s against the FLOP-bound ideal"),
+    "memory": ("moesaic.bench.memory", "n-gram memory's share of a training step"),
 }
 
 

@@ -39,6 +39,7 @@ from moesaic.train.malloc import retain_freed_memory
 from moesaic.train.metrics import MetricsLog
 from moesaic.train.optim import (
     build_optimizer,
+    clip_grad_norm_,
     load_optimizer_state,
     lr_at,
     optimizer_state_to_tensors,
@@ -237,7 +238,7 @@ class Trainer:
             distributed.all_reduce_mean(sums)
             grad_norm = distributed.clip_grad_norm(params, max_norm)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            grad_norm = clip_grad_norm_(params, max_norm)  # memory tables: sparse
         loss, text_loss, image_loss, aux_loss = sums.tolist()
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:
