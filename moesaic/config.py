@@ -150,6 +150,47 @@ def _default_mix() -> dict[str, float]:
     return {"text": 0.5, "caption_image": 0.25, "image_caption": 0.1, "vqa": 0.05, "image": 0.1}
 
 
+# Limits of the built-in world's knobs (checked here so that config stays free of data imports).
+SCENE_CELLS = 9  # cells of the world's 3×3 grid: the most objects a scene can hold
+KNOWLEDGE_MAX_ENTITIES = 50_000
+KNOWLEDGE_ATTRIBUTES = 8  # attributes the knowledge module defines
+
+
+def check_max_objects(value: int, path: str = "data.max_objects") -> None:
+    if not 1 <= value <= SCENE_CELLS:
+        raise ConfigError(
+            f"{path}={value} must be in [1, {SCENE_CELLS}] (objects per world scene, at most "
+            "one per cell of the 3×3 grid; default 3)"
+        )
+
+
+@dataclasses.dataclass
+class KnowledgeConfig:
+    """The world's synthetic knowledge base (docs/data-knowledge.md): biographies of invented
+    people as a share of the text documents, a dial of capacity pressure on text."""
+
+    entities: int = 0  # people in the knowledge base (0 = off: the world without one)
+    attributes: int = 6  # facts per person: the first n of the knowledge module's list
+    share: float = 0.5  # fraction of text documents that are biographies, in (0, 1]
+
+    def validate(self, path: str = "data.knowledge") -> None:
+        if not 0 <= self.entities <= KNOWLEDGE_MAX_ENTITIES:
+            raise ConfigError(
+                f"{path}.entities={self.entities} must be in [0, {KNOWLEDGE_MAX_ENTITIES}] "
+                "(people in the knowledge base; 0 = off)"
+            )
+        if not 1 <= self.attributes <= KNOWLEDGE_ATTRIBUTES:
+            raise ConfigError(
+                f"{path}.attributes={self.attributes} must be in [1, {KNOWLEDGE_ATTRIBUTES}] "
+                "(facts per person)"
+            )
+        if not 0.0 < self.share <= 1.0:
+            raise ConfigError(
+                f"{path}.share={self.share} must be in (0, 1] (the fraction of text documents "
+                "that are biographies)"
+            )
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where batches come from and how they are packed (design.md §2, §6)."""
@@ -172,6 +213,8 @@ class DataConfig:
     vocab_size: int = 2048  # when training the tokenizer
     seed: int = 0
     strict: bool = False  # raise on bad records instead of skipping and counting them
+    max_objects: int = 3  # world scenes hold 1..max_objects objects (1..9)
+    knowledge: KnowledgeConfig = dataclasses.field(default_factory=KnowledgeConfig)
 
     @property
     def patch_dim(self) -> int:
@@ -216,6 +259,13 @@ class DataConfig:
             _check_positive(f"{path}.mix.{key}", value, allow_zero=True)
         if sum(self.mix.values()) <= 0:
             raise ConfigError(f"{path}.mix has no positive weight; give at least one source > 0")
+        check_max_objects(self.max_objects, f"{path}.max_objects")
+        self.knowledge.validate(f"{path}.knowledge")
+        if self.knowledge.entities and self.source != "world":
+            raise ConfigError(
+                f"{path}.knowledge.entities={self.knowledge.entities} needs the built-in world "
+                f"({path}.source='{self.source}'); set {path}.knowledge.entities=0"
+            )
 
 
 @dataclasses.dataclass
