@@ -40,17 +40,18 @@ EVAL_SETS = {
 
 
 class KnowledgeProbes:
-    """A text source of held-out knowledge probes: biographies of a uniformly drawn person of
-    the base in evaluation phrasing, as pieces whose attribute values alone carry loss."""
+    """A text source of knowledge probes: biographies of a uniformly drawn person of the base
+    as pieces whose attribute values alone carry loss. The eval set uses the held-out
+    phrasings; `phrasing="train"` (training phrasings) separates recall from rephrasing."""
 
     kinds = ("text",)
 
-    def __init__(self, base: knowledge.KnowledgeBase):
-        self.base = base
+    def __init__(self, base: knowledge.KnowledgeBase, phrasing: str = "eval"):
+        self.base, self.phrasing = base, phrasing
         self.skipped: Counter = Counter()
 
     def record(self, kind: str, index: int, rng) -> Record:
-        pieces = self.base.biography(rng, "eval")
+        pieces = self.base.biography(rng, self.phrasing)
         return Record(text="".join(text for text, _ in pieces), pieces=pieces)
 
 
