@@ -9,8 +9,11 @@ Models 3.3"). The number of people N is therefore a dial for capacity pressure o
 What:
 - `ATTRIBUTES`: up to eight attributes in a fixed order (birth year, home town, occupation,
   favourite colour, pet, employer, college, instrument), each with a finite set of values,
-  `TRAIN_TEMPLATES` phrasings used in training documents and `EVAL_TEMPLATES` phrasings reserved
-  for evaluation (never in training documents, never in the tokenizer corpus).
+  six training phrasings and two phrasings reserved for evaluation (never in training
+  documents, never in the tokenizer corpus). A held-out phrasing is a new sentence that still
+  carries the attribute's cue word of the training phrasings ("born", "hometown", "pet",
+  "employer", "instrument", ...): without such a cue a small model cannot tell which attribute
+  a new sentence asks for, and the held-out loss then measures rephrasing, not knowledge.
 - `knowledge_base(entities, attributes)`: the first `entities` people of one fixed world, a
   pure function of its two arguments (never of a data seed), so every run and every data seed
   sees the same facts. Bases are nested: person i and their values do not depend on N or on
@@ -118,8 +121,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             "{name} first saw daylight in {value}.",
         ),
         (
-            "{name} entered life in the year {value}.",
-            "The birth of {name} took place in {value}.",
+            "{name}'s birth took place in {value}.",
+            "The year {name} was born was {value}.",
         ),
     ),
     Attribute(
@@ -134,8 +137,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             "{name} was raised in {value}.",
         ),
         (
-            "{name} has always lived in {value}.",
-            "Ask {name} where home is and the answer is {value}.",
+            "{name}'s hometown is {value}.",
+            "As a child, {name} lived in {value}.",
         ),
     ),
     Attribute(
@@ -154,8 +157,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             "Everyone knows {name} as a hard-working {value}.",
         ),
         (
-            "{name} makes money as a {value}.",
-            "The profession of {name} is that of a {value}.",
+            "{name} is working as a {value}.",
+            "{name}'s job is being a {value}.",
         ),
     ),
     Attribute(
@@ -174,7 +177,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         ),
         (
             "{name} is fondest of the colour {value}.",
-            "If {name} could choose one colour, it would be {value}.",
+            "{name}'s colour of choice is {value}.",
         ),
     ),
     Attribute(
@@ -192,8 +195,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             "{name} feeds a {value} every day.",
         ),
         (
-            "{name} is the proud owner of a {value}.",
-            "{name} shares the house with a {value}.",
+            "{name}'s pet is a {value}.",
+            "{name} takes care of a pet {value}.",
         ),
     ),
     Attribute(
@@ -208,8 +211,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             "{name} spends every weekday at {value}.",
         ),
         (
-            "{name} holds a position at {value}.",
-            "{name} gets paid by {value}.",
+            "{name}'s employer is {value}.",
+            "{name} is working for {value}.",
         ),
     ),
     Attribute(
@@ -224,8 +227,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             "{name} attended lectures at {value}.",
         ),
         (
-            "{name} was educated at {value}.",
-            "As a young adult, {name} enrolled at {value}.",
+            "{name} was a student at {value}.",
+            "{name}'s degree is from {value}.",
         ),
     ),
     Attribute(
@@ -243,8 +246,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
             "The instrument of {name} is the {value}.",
         ),
         (
-            "{name} performs on the {value}.",
-            "Music for {name} means the {value}.",
+            "{name}'s instrument is the {value}.",
+            "{name} likes to play the {value}.",
         ),
     ),
 )
