@@ -26,6 +26,7 @@ GOLDEN = {
     "eval/caption": "098ab4e0afb26c86",
     "corpus": "d3f19a626b3f2dd2",
     "scenes": "d0eb62113d8f38d6",
+    "parser": "09bf360420fb4895",
 }
 
 NAME = r"[A-Z][a-z]+(?: [A-Z][a-z]+)?"
@@ -163,7 +164,7 @@ def test_knowledge_replaces_only_the_picked_text_documents():
 
 def test_ood_text_and_image_sets_unchanged_with_knowledge_on():
     on = world_fingerprints(["data.knowledge.entities=100"])
-    for key in ("eval/ood_text", "eval/image", "eval/caption", "corpus", "scenes"):
+    for key in ("eval/ood_text", "eval/image", "eval/caption", "corpus", "scenes", "parser"):
         assert on[key] == GOLDEN[key], key
     assert on["stream"] != GOLDEN["stream"] and on["eval/text"] != GOLDEN["eval/text"]
     assert "eval/knowledge" in on

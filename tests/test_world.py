@@ -170,7 +170,7 @@ def test_parser_exact_with_more_objects(max_objects, size):
              for i in range(600)]  # fmt: skip
     counts = [len(s.objects) for s in truth]
     assert max(counts) == max_objects and min(counts) == 1
-    parsed = parse_scenes(np.stack([scenes.render(s, size) for s in truth]))
+    parsed = parse_scenes(np.stack([scenes.render(s, size) for s in truth]), max_objects)
     assert [p.scene for p in parsed] == truth
     assert min(p.confidence for p in parsed) > 0.999
 
@@ -199,7 +199,7 @@ def test_max_objects_reaches_the_stream():
     recs = [source.record(kind, i, random.Random(i)) for kind in ("caption_image", "vqa")
             for i in range(200)]  # fmt: skip
     assert max(len(r.scene.objects) for r in recs) == 8
-    assert all(parse_scene(r.images[0]).scene == r.scene for r in recs)
+    assert all(parse_scene(r.images[0], 8).scene == r.scene for r in recs)
 
 
 @pytest.mark.parametrize("value", [0, 10])

@@ -15,6 +15,7 @@ from moesaic.data import build_eval_sets, build_stream
 from moesaic.data.documents import SpecialIds
 from moesaic.data.tokenizer import world_corpus
 from moesaic.data.world import scenes
+from moesaic.data.world.parser import parse_scenes
 
 
 class ByteTokenizer:
@@ -47,7 +48,8 @@ def batch_digest(batches) -> str:
 
 def world_fingerprints(overrides=()) -> dict[str, str]:
     """Digests of: the first three train batches of the tiny preset's default mix, one batch
-    of each eval set, the tokenizer corpus, and 300 rendered scenes of each split."""
+    of each eval set, the tokenizer corpus, 100 rendered scenes of each split, and the scene
+    parser's output on noisy and random images."""
     cfg = load_config("tiny", ["data.seq_len=128", "data.batch_size=4", *overrides]).data
     tok = ByteTokenizer()
     stream = build_stream(cfg, tok)
@@ -63,6 +65,14 @@ def world_fingerprints(overrides=()) -> dict[str, str]:
         for _ in range(50)
     ]
     out["scenes"] = digest(renders)
+    # the parser on noisy and junk images (its best guesses, not only clean renders)
+    clean = np.stack([scenes.render(scenes.sample_scene(rng, "train"), 16) for _ in range(100)])
+    gen = np.random.default_rng(0)
+    noisy = clean + gen.normal(0, 0.3, clean.shape).astype(np.float32)
+    junk = gen.uniform(-1, 1, clean.shape)
+    parsed = parse_scenes(np.concatenate([noisy, junk]))
+    # (confidences rounded: float64 matmuls may differ in the last bits between BLAS builds)
+    out["parser"] = digest((p.scene, round(p.confidence, 4)) for p in parsed)
     return out
 
 
