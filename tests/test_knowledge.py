@@ -11,7 +11,7 @@ from world_golden import ByteTokenizer, world_fingerprints
 from moesaic.batch import DocKind
 from moesaic.config import KNOWLEDGE_ATTRIBUTES, load_config
 from moesaic.data import build_eval_sets, build_stream, load_tokenizer
-from moesaic.data.tokenizer import tokenizer_key, world_corpus
+from moesaic.data.tokenizer import tokenizer_key, train_tokenizer, world_corpus
 from moesaic.data.world import knowledge
 from moesaic.data.world.generators import WorldSource
 from moesaic.errors import ConfigError
@@ -249,8 +249,12 @@ def test_tokenizer_learns_knowledge_text_only_when_on(tmp_path):
     assert tokenizer_key(on) == {**tokenizer_key(off), "knowledge": "knowledge-v1"}
     more = _cfg("data.knowledge.entities=900", "data.knowledge.attributes=3")
     assert tokenizer_key(more) == tokenizer_key(on)  # one tokenizer for every base
+    small = ["data.vocab_size=300", "data.knowledge.entities=0"]
+    plain = load_tokenizer(_cfg(*small), tmp_path)
+    assert plain.to_str() == train_tokenizer(world_corpus(0), 300).to_str()
     tok = load_tokenizer(on, tmp_path)
-    assert len(list((tmp_path / "tokenizers").glob("*/tokenizer.json"))) == 1
+    assert tok.to_str() == train_tokenizer(world_corpus(0, knowledge=True), 2048).to_str()
+    assert len(list((tmp_path / "tokenizers").glob("*/tokenizer.json"))) == 2
     kb = knowledge.knowledge_base(300, 8)
     lengths = [len(tok.encode(" " + e.name)) for e in kb.entities]
     assert 2 <= sum(lengths) / len(lengths) <= 6  # names are a few syllable tokens

@@ -196,10 +196,22 @@ def test_max_objects_reaches_the_stream():
 
     cfg = load_config("tiny", ["data.max_objects=8"]).data
     source = generators.WorldSource.from_config(cfg, "train")
-    recs = [source.record(kind, i, random.Random(i)) for kind in ("caption_image", "vqa")
-            for i in range(200)]  # fmt: skip
-    assert max(len(r.scene.objects) for r in recs) == 8
-    assert all(parse_scene(r.images[0], 8).scene == r.scene for r in recs)
+    for kind in ("caption_image", "image_caption", "vqa", "image"):
+        recs = [source.record(kind, i, random.Random(i)) for i in range(200)]
+        assert max(len(r.scene.objects) for r in recs) == 8, kind
+        assert all(parse_scene(r.images[0], 8).scene == r.scene for r in recs)
+
+
+def test_default_parser_reads_the_background_from_the_median():
+    """150 of 256 pixels black, the others a blue far from black: the median says black, a
+    least-squares fit of the background says navy. Up to 4 objects the parser keeps the median
+    rule."""
+    far = scenes.to_unit(np.array([90.0, 90.0, 250.0], dtype=np.float32))
+    black = np.random.default_rng(0).permutation(256) < 150
+    img = np.where(black.reshape(16, 16, 1), scenes.BACKGROUND_UNIT[0], far)
+    assert parse_scene(img).scene.background == 0
+    assert parse_scene(img, 4).scene.background == 0
+    assert parse_scene(img, 9).scene.background == scenes.BACKGROUNDS.index("navy")
 
 
 @pytest.mark.parametrize("value", [0, 10])
