@@ -10,13 +10,17 @@ one-line message and a "did you mean" suggestion.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from moesaic.config_tree import (
+    apply_overrides,
+    deep_merge,
+    from_dict,
+    read_yaml,
+)
 from moesaic.errors import ConfigError, did_you_mean
 from moesaic.primes import largest_primes, nth_prime
 
@@ -227,6 +231,47 @@ def _check_mix(path: str, mix: dict[str, float]) -> None:
         raise ConfigError(f"{path} has no positive weight; give at least one kind a weight > 0")
 
 
+# Limits of the built-in world's knobs (checked here so that config stays free of data imports).
+SCENE_CELLS = 9  # cells of the world's 3×3 grid: the most objects a scene can hold
+KNOWLEDGE_MAX_ENTITIES = 50_000
+KNOWLEDGE_ATTRIBUTES = 8  # attributes the knowledge module defines
+
+
+def check_max_objects(value: int, path: str = "data.max_objects") -> None:
+    if not 1 <= value <= SCENE_CELLS:
+        raise ConfigError(
+            f"{path}={value} must be in [1, {SCENE_CELLS}] (objects per world scene, at most "
+            "one per cell of the 3×3 grid; default 3)"
+        )
+
+
+@dataclasses.dataclass
+class KnowledgeConfig:
+    """The world's synthetic knowledge base (docs/data-knowledge.md): biographies of invented
+    people as a share of the text documents, a dial of capacity pressure on text."""
+
+    entities: int = 0  # people in the knowledge base (0 = off: the world without one)
+    attributes: int = 6  # facts per person: the first n of the knowledge module's list
+    share: float = 0.5  # fraction of text documents that are biographies, in (0, 1]
+
+    def validate(self, path: str = "data.knowledge") -> None:
+        if not 0 <= self.entities <= KNOWLEDGE_MAX_ENTITIES:
+            raise ConfigError(
+                f"{path}.entities={self.entities} must be in [0, {KNOWLEDGE_MAX_ENTITIES}] "
+                "(people in the knowledge base; 0 = off)"
+            )
+        if not 1 <= self.attributes <= KNOWLEDGE_ATTRIBUTES:
+            raise ConfigError(
+                f"{path}.attributes={self.attributes} must be in [1, {KNOWLEDGE_ATTRIBUTES}] "
+                "(facts per person)"
+            )
+        if not 0.0 < self.share <= 1.0:
+            raise ConfigError(
+                f"{path}.share={self.share} must be in (0, 1] (the fraction of text documents "
+                "that are biographies)"
+            )
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where batches come from and how they are packed (design.md §2, §6)."""
@@ -251,6 +296,8 @@ class DataConfig:
     vocab_size: int = 2048  # when training the tokenizer
     seed: int = 0
     strict: bool = False  # raise on bad records instead of skipping and counting them
+    max_objects: int = 3  # world scenes hold 1..max_objects objects (1..9)
+    knowledge: KnowledgeConfig = dataclasses.field(default_factory=KnowledgeConfig)
 
     @property
     def patch_dim(self) -> int:
@@ -291,6 +338,13 @@ class DataConfig:
             (f"{path}.parts[{i}]", part) for i, part in enumerate(self.parts)
         ]:
             _check_mix(where, mix)
+        check_max_objects(self.max_objects, f"{path}.max_objects")
+        self.knowledge.validate(f"{path}.knowledge")
+        if self.knowledge.entities and self.source != "world":
+            raise ConfigError(
+                f"{path}.knowledge.entities={self.knowledge.entities} needs the built-in world "
+                f"({path}.source='{self.source}'); set {path}.knowledge.entities=0"
+            )
 
 
 @dataclasses.dataclass
@@ -401,95 +455,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Generic machinery: dict <-> dataclass with type checks, dotted overrides, presets.
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(path: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp` and convert where lossless (int → float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(path, value, arg)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path} must be a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, path)
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}={value!r} must be a list")
-        (item,) = typing.get_args(tp)
-        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}={value!r} must be a mapping")
-        kt, vt = typing.get_args(tp)
-        return {_coerce(path, k, kt): _coerce(f"{path}.{k}", v, vt) for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}={value!r} must be a number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}={value!r} must be an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}={value!r} must be true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}={value!r} must be a string")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported config annotation {_type_name(tp)} at {path}")
-
-
-def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
-    where = f"{path}.{key}" if path else key
-    extra = did_you_mean(key, valid, prefix=f"{path}." if path else "", listing=False)
-    return ConfigError(f"unknown config key '{where}'{extra}")
-
-
-def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """Build dataclass `cls` from a (partial) mapping; missing keys keep their defaults."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown_key(path, str(key), names)
-        kwargs[key] = _coerce(f"{path}.{key}" if path else key, value, hints[key])
-    return cls(**kwargs)
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+# Loading: presets, `base:` chains, overrides.
 
 
 def preset_names() -> list[str]:
@@ -511,21 +477,6 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"no preset or config file named '{name_or_path}'{extra}")
 
 
-def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
-    """A YAML file that must hold a mapping, or a one-line ConfigError naming `what` it is."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{what} '{path}' is not valid YAML{where}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{what} '{path}' cannot be read ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} '{path}' must hold a mapping, not {type(data).__name__}")
-    return data
-
-
 def load_raw(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The merged mapping of a config file and its chain of `base:` presets."""
     path = resolve_config_path(name_or_path).resolve()
@@ -538,37 +489,7 @@ def load_raw(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     if not isinstance(base, str):
         raise ConfigError(f"'base' in '{path}' must be a preset name or path, got {base!r}")
     base_path = path.parent / base if (path.parent / base).is_file() else base
-    return _deep_merge(load_raw(base_path, (*_seen, path)), data)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.lr=1e-3)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted `key=value` overrides to a raw mapping (checked when the config is built)."""
-    data = _deep_merge({}, data)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            nxt = node.get(key)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                node[key] = nxt
-            node = nxt
-        node[keys[-1]] = value
-    return data
+    return deep_merge(load_raw(base_path, (*_seen, path)), data)
 
 
 def build_config(data: dict[str, Any]) -> Config:

@@ -62,7 +62,13 @@ def test_tax_cell_score_metric_flips_sign():
 
 
 def test_headline_metrics_and_time_bins():
-    assert HEADLINE_KEYS == ("text/text", "ood_text/text", "image/image", "image_uncond/image")
+    assert HEADLINE_KEYS == (
+        "text/text",
+        "ood_text/text",
+        "knowledge/text",
+        "image/image",
+        "image_uncond/image",
+    )
     bins = time_bin_metrics(8)
     assert [m.key for m in bins[:2]] == ["image/image_t0", "image/image_t1"]
     assert all(m.modality == "image" and not m.headline for m in bins)

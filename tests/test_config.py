@@ -1,6 +1,7 @@
 import pytest
 
-from moesaic.config import Config, load_config, parse_override
+from moesaic.config import Config, load_config
+from moesaic.config_tree import parse_override
 from moesaic.errors import ConfigError
 
 

@@ -65,6 +65,7 @@ class MetricSpec:
 LOSS_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("text/text", "text CE (in-distribution)", "text", headline=True),
     MetricSpec("ood_text/text", "text CE (out-of-distribution)", "text", headline=True),
+    MetricSpec("knowledge/text", "fact recall CE (knowledge base)", "text", headline=True),
     MetricSpec("image/image", "image flow MSE (caption→image)", "image", headline=True),
     MetricSpec("image_uncond/image", "image flow MSE (unconditional)", "image", headline=True),
     MetricSpec("caption/text", "caption CE (image→text)", None),

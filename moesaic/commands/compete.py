@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.config import read_yaml
+    from moesaic.config_tree import read_yaml
     from moesaic.experiments.arms import parse_arms
     from moesaic.experiments.engine import StudyInterrupted, get_experiment, run_experiment
     from moesaic.experiments.study import load_study

@@ -21,7 +21,7 @@ from moesaic.data.world.generators import WorldSource
 def make_source(cfg: DataConfig, split: str = "train") -> Source:
     """The record source `data.source` names, for one split."""
     if cfg.source == "world":
-        return WorldSource(split, cfg.caption_register, cfg.image_size)
+        return WorldSource.from_config(cfg, split)
     from moesaic.data.sources import open_source
 
     return open_source(cfg, split)

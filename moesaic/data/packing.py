@@ -109,7 +109,9 @@ class DocFactory:
             return None
         key, opts, L = (kind, g), self.opts, self.cfg.seq_len
         if kind in ("text", "ood_text"):
-            return assemble(kind, [("text", self.tok.encode(rec.text), True)], self.ids, key, L)
+            pieces = rec.pieces or ((rec.text, True),)
+            segs = [("text", self.tok.encode(text), loss) for text, loss in pieces]
+            return assemble(kind, segs, self.ids, key, L)
         patches = patchify(rec.images[0], self.cfg.patch_size)
         noise = self._noise(s, patches.shape)
         if kind in ("caption_image", "image"):

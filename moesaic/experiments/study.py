@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from moesaic.config import from_dict, parse_override, read_yaml
+from moesaic.config_tree import from_dict, parse_override, read_yaml
 from moesaic.errors import ConfigError, did_you_mean
 
 S = TypeVar("S", bound="StudyConfig")
