@@ -172,6 +172,7 @@ class DataConfig:
     vocab_size: int = 2048  # when training the tokenizer
     seed: int = 0
     strict: bool = False  # raise on bad records instead of skipping and counting them
+    follow_symlinks: bool = False  # let symlinks inside a real-data directory point outside it
 
     @property
     def patch_dim(self) -> int:
@@ -204,6 +205,11 @@ class DataConfig:
             self.caption_register,
             ("terse", "plain", "natural", "mixed"),
         )
+        if self.follow_symlinks and self.source not in ("folder", "text", "webdataset"):
+            raise ConfigError(
+                f"{path}.follow_symlinks=true has no effect with {path}.source='{self.source}' "
+                "(it applies to folder, text and webdataset); remove it"
+            )
         if self.source not in ("world", "digits") and not self.paths:
             raise ConfigError(
                 f"{path}.source='{self.source}' needs input files: set {path}.paths=[...]"
