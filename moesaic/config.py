@@ -437,11 +437,13 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes()) or {}  # bytes: YAML detects the encoding
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(f"config file '{path}' nests lists or mappings too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping, not {type(data).__name__}")
     return data
@@ -471,7 +473,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
 
