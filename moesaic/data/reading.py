@@ -45,6 +45,7 @@ BOMS = (  # UTF-32 LE before UTF-16 LE: its mark starts with UTF-16 LE's
 )
 _BREAK = re.compile(r"\r\n|\r|\n")
 _ESCAPED = re.compile("[\udc80-\udcff]")  # invalid UTF-8 bytes under surrogateescape
+_UNUSABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, and surrogates no encoding can hold
 
 
 class DataWarning(UserWarning):
@@ -140,8 +141,14 @@ def decode_text(data: bytes) -> str:
         text = data[skip:].decode(encoding)
     except UnicodeDecodeError:
         raise BadEncoding(f"not valid {encoding}") from None
-    if "\x00" in text:
-        raise BadEncoding("holds NUL characters")
+    return checked_text(text)
+
+
+def checked_text(text: str) -> str:
+    """`text` unchanged, or `BadEncoding` if it holds a NUL or an unpaired surrogate (JSON
+    escapes such as \\u0000 or \\ud800 make them; no tokenizer can take the latter)."""
+    if _UNUSABLE.search(text):
+        raise BadEncoding("holds NUL characters or unpaired surrogates")
     return text
 
 

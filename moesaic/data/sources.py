@@ -67,6 +67,7 @@ from moesaic.data.reading import (
     BadEncoding,
     DataWarning,
     Line,
+    checked_text,
     contained,
     decode_text,
     read_lines,
@@ -135,6 +136,7 @@ class RecordSource:
             if "\x00" in p:
                 raise DataError(f"data.paths entry {p!r} holds a NUL character; fix the path")
         items = self.scan([Path(p) for p in cfg.paths])
+        self.n_records = len(items)  # usable records of all splits
         if not items:
             raise DataError(
                 f"data.source='{cfg.source}' found no usable records in {cfg.paths}"
@@ -242,7 +244,8 @@ class RecordSource:
         return out
 
     def _cap(self, text: str) -> str:
-        return text.strip()[: self.max_chars].strip()
+        """A caption or document: stripped, cut to `max_chars`; `BadEncoding` if unusable."""
+        return checked_text(text.strip()[: self.max_chars].strip())
 
 
 def _json_field(text: str, *names: str) -> str:
@@ -279,7 +282,11 @@ class FolderSource(RecordSource):
                 continue
             parse = self._jsonl if captions.suffix == ".jsonl" else self._csv
             for where, file, caption in self._read(captions, MAX_LINE_CHARS, parse):
-                caption = self._cap(caption)
+                try:
+                    caption = self._cap(caption)
+                except BadEncoding as e:
+                    self.bad("bad_encoding", f"{where} ({e})")
+                    continue
                 path = None if "\x00" in file else contained(root, file, follow)
                 if not caption:
                     self.bad("empty_caption", where)
@@ -388,6 +395,9 @@ class TextSource(RecordSource):
             elif line.text.strip():
                 try:
                     text = self._cap(_json_field(line.text, "text"))
+                except BadEncoding as e:
+                    problems.append(("bad_encoding", f"{where} ({e})"))
+                    continue
                 except JSON_ERRORS:
                     problems.append(("malformed_line", where))
                     continue
@@ -542,10 +552,17 @@ class HFSource(RecordSource):
         if self.text_col is None:
             raise DataError(f"'{paths[0]}' has no 'caption' or 'text' column ({sorted(cols)})")
         self.kinds = IMAGE_KINDS if self.image_col else ("text",)
-        self.ds = ds
+        if self.image_col and isinstance(ds.features[self.image_col], datasets.Image):
+            # Raw bytes, decoded by the one rule here (datasets would decode any size itself).
+            ds = ds.cast_column(self.image_col, datasets.Image(decode=False))
+        self.ds, self.root = ds, paths[0].resolve()
         items = []
         for i, text in enumerate(ds[self.text_col]):
-            text = self._cap(text) if isinstance(text, str) else ""
+            try:
+                text = self._cap(text) if isinstance(text, str) else ""
+            except BadEncoding as e:
+                self.bad("bad_encoding", f"{paths[0]}:{i} ({e})")
+                continue
             if text:
                 items.append((f"{paths[0]}:{i}", (i, text)))
             else:
@@ -559,12 +576,20 @@ class HFSource(RecordSource):
         where = f"{self.cfg.paths[0]}:{i}"
         try:
             img = self.ds[i][self.image_col]
-        except Exception:  # datasets decodes the stored bytes with Pillow on access
+        except Exception:  # a damaged arrow file
             raise Skip("bad_image", where) from None
+        if isinstance(img, dict):  # {"bytes": ..., "path": ...}: an image feature, not decoded
+            if img.get("bytes"):
+                img = img["bytes"]
+            elif img.get("path"):  # a file the dataset refers to: only inside its directory
+                path = contained(self.root, img["path"], follow_symlinks=False)
+                if path is None:
+                    raise Skip("outside_root", f"{where} ({img['path']})")
+                img = path
+            else:
+                img = None
         if img is None:
             raise Skip("missing_file", f"{where} (no image)")
-        if isinstance(img, dict) and isinstance(img.get("bytes"), bytes):
-            img = img["bytes"]
         return Record(text=text, images=(self._image(img, where),))
 
 
