@@ -454,3 +454,35 @@ def test_control_characters_in_names_are_escaped(tmp_path):
         make_source(_cfg("folder", [str(root)]), "train")
     (msg,) = [str(w.message) for w in record]
     assert "\x1b" not in msg and "\n" not in msg and "\\x1b[2J\\nname.png" in msg
+
+
+def test_train_command_prints_skips_as_one_line_each(tmp_path, capsys):
+    from moesaic.cli import main
+    from tests.train_utils import MICRO
+
+    root = _folder(tmp_path, bad=True)
+    args = [*MICRO, "data.source=folder", f"data.paths=[{root}]", "train.steps=1",
+            "eval.every=0", f"out={tmp_path / 'runs'}", "name=skips"]  # fmt: skip
+    assert main(["train", "tiny", *args]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "skipped (" in ln]
+    assert warned and all(ln.startswith("warning: ") for ln in warned)
+    assert not any("sources.py" in ln or "DataWarning" in ln for ln in warned)
+
+
+def test_hf_file_references_stay_inside_the_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    outside = _canary(tmp_path)
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": _png(i), "path": None} for i in range(3)],
+         "caption": [f"hf picture {i}" for i in range(3)]},
+        features=features,
+    )  # fmt: skip
+    ds.save_to_disk(str(tmp_path / "hf"))
+    src = make_source(_cfg("hf", [str(tmp_path / "hf")]), "train")
+    # A cell that refers to a file instead of holding bytes (save_to_disk embeds files, so
+    # the stored column is replaced here).
+    src.ds = [{"image": {"bytes": None, "path": str(outside / "secret.png")}}] * 3
+    with pytest.warns(DataWarning, match="outside root"):
+        assert src.record("image", 0, None) is None
+    assert src.skipped == {"outside_root": 1}

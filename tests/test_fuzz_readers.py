@@ -256,8 +256,15 @@ def test_fuzz_text_long(data):
     text_property(data)
 
 
+pieces = st.lists(st.sampled_from(["\r\n", "\r", "\n", "a", "é", "中", "😀", " ", "\u2028"]))
+line_break_texts = st.one_of(
+    pieces.map("".join),
+    st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00")),
+)
+
+
 @FAST
-@given(text=st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00")),
+@given(text=line_break_texts,
        encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-32"]),
        block=st.integers(1, 9), max_chars=st.integers(1, 50))  # fmt: skip
 def test_line_reader_matches_a_whole_file_split(text, encoding, block, max_chars):
