@@ -460,12 +460,16 @@ def test_train_command_prints_skips_as_one_line_each(tmp_path, capsys):
     from moesaic.cli import main
     from tests.train_utils import MICRO
 
-    root = _folder(tmp_path, bad=True)
+    root = _folder(tmp_path)
+    with open(root / "captions.jsonl", "a") as f:  # problems met while listing the folder
+        f.write('{"file": "missing.png", "caption": "gone"}\n{not json\n')
     args = [*MICRO, "data.source=folder", f"data.paths=[{root}]", "train.steps=1",
             "eval.every=0", f"out={tmp_path / 'runs'}", "name=skips"]  # fmt: skip
-    assert main(["train", "tiny", *args]) == 0
-    warned = [ln for ln in capsys.readouterr().err.splitlines() if "skipped (" in ln]
-    assert warned and all(ln.startswith("warning: ") for ln in warned)
+    rc = main(["train", "tiny", *args])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    warned = [ln for ln in err.splitlines() if "skipped (" in ln]
+    assert len(warned) == 2 and all(ln.startswith("warning: ") for ln in warned)
     assert not any("sources.py" in ln or "DataWarning" in ln for ln in warned)
 
 
@@ -474,15 +478,25 @@ def test_hf_file_references_stay_inside_the_dataset(tmp_path):
     outside = _canary(tmp_path)
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
     ds = datasets.Dataset.from_dict(
-        {"image": [{"bytes": _png(i), "path": None} for i in range(3)],
-         "caption": [f"hf picture {i}" for i in range(3)]},
+        {"image": [{"bytes": _png(i), "path": None} for i in range(N)],
+         "caption": [f"hf picture {i}" for i in range(N)]},
         features=features,
     )  # fmt: skip
     ds.save_to_disk(str(tmp_path / "hf"))
     src = make_source(_cfg("hf", [str(tmp_path / "hf")]), "train")
     # A cell that refers to a file instead of holding bytes (save_to_disk embeds files, so
     # the stored column is replaced here).
-    src.ds = [{"image": {"bytes": None, "path": str(outside / "secret.png")}}] * 3
+    src.ds = [{"image": {"bytes": None, "path": str(outside / "secret.png")}}] * N
     with pytest.warns(DataWarning, match="outside root"):
         assert src.record("image", 0, None) is None
     assert src.skipped == {"outside_root": 1}
+
+
+def test_a_split_of_only_bad_records_is_a_clear_error(tmp_path):
+    root = _half_corrupt(tmp_path, n_bad=N)
+    cfg = _cfg("folder", [str(root)], "data.mix={image: 1}")
+    tok = load_tokenizer(cfg, tmp_path / "cache")
+    stream = build_stream(cfg, tok)
+    with pytest.warns(DataWarning), pytest.raises(DataError, match=r"every one of the \d+ 'train'"):
+        next(stream)
+    assert stream.skipped_draws["bad_image"] == len(stream.source.items)

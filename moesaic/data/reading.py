@@ -175,13 +175,14 @@ def read_lines(path: Path, max_chars: int) -> Iterator[Line]:
                 raise BadEncoding(
                     "holds NUL characters (UTF-16/32 without a byte-order mark, or binary)"
                 )
-            pos = 1 if after_cr and text.startswith("\n") else 0
-            for m in _BREAK.finditer(text, pos):
-                line.add(text[pos : m.start()])
-                yield line.take()
-                pos = m.end()
-            line.add(text[pos:])
-            after_cr = text.endswith("\r")
+            if text:  # (a block can end inside a character and decode to nothing)
+                pos = 1 if after_cr and text.startswith("\n") else 0
+                for m in _BREAK.finditer(text, pos):
+                    line.add(text[pos : m.start()])
+                    yield line.take()
+                    pos = m.end()
+                line.add(text[pos:])
+                after_cr = text.endswith("\r")
             if not block:
                 if line.length:
                     yield line.take()

@@ -44,7 +44,7 @@ bad record once however often it is drawn (draws that met a known bad record are
     bad_shard       a tar file that does not open
 
 `data.strict: true` raises `DataError` instead. A source with no usable record raises
-`DataError`.
+`DataError`, and so does a draw once every record of the split has turned out bad.
 """
 
 from __future__ import annotations
@@ -196,6 +196,11 @@ class RecordSource:
                 self.bad(s.reason, s.where)
                 self.bad_records[j] = reason = s.reason
         self.skipped_draws[reason] += 1
+        if len(self.bad_records) == len(self.items):
+            raise DataError(
+                f"every one of the {len(self.items)} '{self.split}' records of "
+                f"data.source='{self.cfg.source}' is bad ({dict(self.skipped)}); fix the data"
+            )
         return None
 
     def state_dict(self) -> dict:
