@@ -221,6 +221,13 @@ class _LineBuffer:
 # ------------------------------------------------------------------------------ warnings
 
 
+def printable(text: str, limit: int = 300) -> str:
+    """`text` with control characters escaped and cut to `limit`: names from data files reach
+    the terminal only as one harmless line."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return out + ("…" if len(text) > limit else "")
+
+
 @contextlib.contextmanager
 def data_warnings_as_lines() -> Iterator[None]:
     """Within: `DataWarning`s print as `warning: MESSAGE` on stderr; other warnings as before."""
