@@ -1,7 +1,8 @@
 """The `moesaic` command. Each subcommand lives in its own module, which provides
 `add_arguments(parser)` and `run(args) -> int`; this file only wires them together.
 
-User errors (`MoesaicError`) print one line on stderr, without a traceback, and exit 2.
+User errors (`MoesaicError`) print one line on stderr, without a traceback, and exit 2;
+skipped data records print as one `warning:` line each.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from moesaic.data.reading import data_warnings_as_lines
 from moesaic.errors import MoesaicError
 
 # name -> (module, one-line help)
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with data_warnings_as_lines():
+            return int(args._run(args) or 0)
     except MoesaicError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

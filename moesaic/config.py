@@ -298,6 +298,7 @@ class DataConfig:
     strict: bool = False  # raise on bad records instead of skipping and counting them
     max_objects: int = 3  # world scenes hold 1..max_objects objects (1..9)
     knowledge: KnowledgeConfig = dataclasses.field(default_factory=KnowledgeConfig)
+    follow_symlinks: bool = False  # let symlinks inside a real-data directory point outside it
 
     @property
     def patch_dim(self) -> int:
@@ -330,6 +331,11 @@ class DataConfig:
             self.caption_register,
             CAPTION_REGISTERS,
         )
+        if self.follow_symlinks and self.source not in ("folder", "text", "webdataset"):
+            raise ConfigError(
+                f"{path}.follow_symlinks=true has no effect with {path}.source='{self.source}' "
+                "(it applies to folder, text and webdataset); remove it"
+            )
         if self.source not in ("world", "digits") and not self.paths:
             raise ConfigError(
                 f"{path}.source='{self.source}' needs input files: set {path}.paths=[...]"

@@ -110,11 +110,13 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
     """A YAML file that must hold a mapping, or a one-line ConfigError naming `what` it is."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_bytes()) or {}  # bytes: YAML detects the encoding
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{what} '{path}' is not valid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} '{path}' nests lists or mappings too deeply") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} '{path}' cannot be read ({e})") from None
     if not isinstance(data, dict):
@@ -131,7 +133,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
 

@@ -9,7 +9,17 @@ from collections.abc import Iterable
 
 
 class MoesaicError(Exception):
-    """A user-facing error; the message names the bad value and the fix."""
+    """A user-facing error; the message names the bad value and the fix.
+
+    Its text is always one printable line: control characters that reach a message from a
+    value (a config string, a file name read from data) are shown escaped.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if text.isprintable():
+            return text
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ConfigError(MoesaicError):

@@ -192,6 +192,11 @@ class Stream:
         """Bad records skipped so far, by reason."""
         return dict(self.source.skipped)
 
+    @property
+    def skipped_draws(self) -> dict[str, int]:
+        """Draws that met a bad record, by reason (a bad record is skipped once, drawn often)."""
+        return dict(getattr(self.source, "skipped_draws", {}))
+
     def state_dict(self) -> dict:
         return {
             "version": STATE_VERSION,
@@ -203,6 +208,7 @@ class Stream:
             "rows": self.rows,
             "stats": dict(self.stats),
             "skipped": dict(self.source.skipped),
+            "source": self.source.state_dict() if hasattr(self.source, "state_dict") else {},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -225,6 +231,8 @@ class Stream:
         self.stats = Counter(state["stats"])
         self.source.skipped.clear()
         self.source.skipped.update(state["skipped"])
+        if hasattr(self.source, "load_state_dict"):
+            self.source.load_state_dict(state.get("source", {}))
 
     # ------------------------------------------------------------------ drawing and packing
 
