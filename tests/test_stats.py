@@ -5,7 +5,15 @@ import math
 import pytest
 from scipy import stats as sps
 
-from moesaic.analysis.stats import Stat, format_interval, holm, paired, sign_flip_p, t_test_p
+from moesaic.analysis.stats import (
+    Stat,
+    format_interval,
+    holm,
+    paired,
+    sign_flip_p,
+    t_test_p,
+    with_holm,
+)
 
 
 def test_stat_mean_sd_and_t_interval_by_hand():
@@ -46,14 +54,17 @@ def test_exact_sign_flip_p_by_hand():
     assert sign_flip_p([2.0, 2.0, 2.0, 2.0, 2.0, -1.0]) == pytest.approx(4 / 64)
 
 
-def test_paired_uses_sign_flip_from_six_seeds_on():
+def test_paired_adds_the_sign_flip_test_from_six_seeds_on():
     a = [1.1, 1.3, 0.9, 1.2, 1.0, 1.4]
     b = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     p6 = paired(a, b)
     assert p6.diff.mean == pytest.approx(0.15)
-    assert p6.p_sign_flip is not None and p6.p == p6.p_sign_flip
-    p5 = paired(a[:5], b[:5])
-    assert p5.p_sign_flip is None and p5.p == p5.p_t
+    # differences 0.1, 0.3, -0.1, 0.2, 0, 0.4: |values| sum to 1.1, the observed sum is 0.9, so
+    # an assignment reaches |sum| >= 0.9 when the values it negates sum to at most 0.1: none,
+    # or either 0.1 (3 subsets); × 2 overall signs × 2 signs of the 0 = 12 of 64
+    assert p6.p_sign_flip == pytest.approx(12 / 64)
+    assert p6.p_t == pytest.approx(sps.ttest_1samp([x - 1 for x in a], 0.0).pvalue)
+    assert paired(a[:5], b[:5]).p_sign_flip is None
     with pytest.raises(ValueError):
         paired([1.0], [1.0, 2.0])
 
@@ -62,6 +73,18 @@ def test_holm_by_hand():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([0.5, float("nan"), 0.01]) == pytest.approx([0.5, math.nan, 0.02], nan_ok=True)
     assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # 2 × 0.8 capped at 1; monotone
+
+
+def test_with_holm_adjusts_each_test_family():
+    a, b = [1.1, 1.3, 0.9, 1.2, 1.0, 1.4], [1.0] * 6
+    tests = {"x": paired(a, b), "y": paired(b, a), "z": paired([1.0] * 6, [1.0] * 6)}
+    done = with_holm(tests)
+    assert [done[k].p_holm for k in tests] == pytest.approx(holm([t.p_t for t in tests.values()]))
+    assert [done[k].p_sign_flip_holm for k in tests] == pytest.approx(
+        holm([t.p_sign_flip for t in tests.values()])
+    )
+    few = with_holm({"x": paired(a[:3], b[:3]), "y": paired(b[:3], a[:3])})
+    assert few["x"].p_sign_flip_holm is None and few["x"].p_holm is not None
 
 
 def test_format_interval():
