@@ -12,7 +12,8 @@ Sections this adds to summary.json (schema `moesaic-study/1`, experiment "tax"):
                                      delta: Stat (joint − unimodal, nats or MSE),
                                      eval_se {unimodal, joint, delta}, eval_se_tax}}}}
     comparisons {arm: {key: Paired}}   tax(arm) − tax(first arm) per seed, in percentage
-                points; p_t, p_sign_flip (≥ 6 seeds), p_holm over the headline metrics
+                points; p_t, p_sign_flip (≥ 6 seeds), p_holm and p_sign_flip_holm (Holm over
+                the headline metrics, of the t-tests and of the sign-flip tests)
     step_effect {arm: {key: Stat}}     match=tokens only: (L(half batch, 2× steps) − L(U))/L(U) %
     fairness   {match, equal_steps, equal_tokens, runs {arm: {seed: {steps {variant},
                 tokens_per_step {modality: {variant}}}}}}
@@ -24,7 +25,7 @@ Sections this adds to summary.json (schema `moesaic-study/1`, experiment "tax"):
     tax_table  the plain-text table the command prints
 
 Stat = {mean, std, se, ci95 [low, high], n, values}; Paired = Stat of the differences plus
-{p_t, p_sign_flip, p_holm}. Undefined numbers are null.
+{p_t, p_sign_flip, p_holm, p_sign_flip_holm}. Undefined numbers are null.
 """
 
 from __future__ import annotations
@@ -371,10 +372,7 @@ def console_text(summary: Mapping[str, Any]) -> str:
                 ptxt = "p=—" if p is None else f"p={p:.3f}"
                 cells.append(f"{key}: {_cell(t, 2, '', True)} ({ptxt})")
             out.append(f"  {arm:<24} " + "; ".join(cells))
-        out.append(
-            "  p: Holm-corrected over the metrics of each arm (sign-flip test from 6 seeds, "
-            "else t-test)"
-        )
+        out.append("  p: t-test, Holm-corrected over the metrics of each arm")
     fair = summary.get("fairness", {})
     if fair:
         out.append(
