@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except MoesaicError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt as e:
         print(f"stopped by {interrupt_name(e)}", file=sys.stderr)
         return 130

@@ -237,7 +237,7 @@ def test_junk_step_directories_never_take_a_retention_slot(tmp_path):
     assert names == ["step-00000002", "step-00000003", "step-99999999"]
     assert not empty.exists() and (foreign / "notes.txt").read_text() == "mine"
     assert any("removed incomplete" in w and str(empty) in w for w in warnings)
-    assert any("not a complete checkpoint" in w and str(foreign) in w for w in warnings)
+    assert any("not a valid checkpoint" in w and str(foreign) in w for w in warnings)
     found, rejected = ckpt.latest_checkpoint(tmp_path, "abc")
     assert found.step == 3 and "no state.json" in rejected[0]
 

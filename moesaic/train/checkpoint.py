@@ -189,10 +189,10 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
     warn: Warn | None = None,
+    valid: Callable[[Path], bool] | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically and keep only the newest `keep`.
-
-    `warn` receives one line per junk `step-*` directory found while pruning."""
+    """Write checkpoint `step` under `root` atomically and keep only the newest `keep` valid
+    ones (`prune_checkpoints`); `warn` receives one line per junk `step-*` directory."""
     payloads = {
         "model.safetensors": _unique_tensors(model_state),
         "optimizer.safetensors": _unique_tensors(optimizer_tensors),
@@ -204,8 +204,14 @@ def save_checkpoint(
             save_file(tensors, str(tmp / name))
             fsync_file(tmp / name)
         final = publish(root, tmp, step, state)
-    prune_checkpoints(root, keep, warn)
+    prune_checkpoints(root, keep, warn, _trusting(final, valid))
     return final
+
+
+def _trusting(written: Path, valid: Callable[[Path], bool] | None) -> Callable[[Path], bool]:
+    """`valid`, except that the checkpoint just written (and hashed) is valid without a look."""
+    check = valid or is_complete
+    return lambda path: path == written or check(path)
 
 
 # ---------------------------------------------------------------------------------- listing
@@ -249,21 +255,25 @@ def _is_debris(path: Path) -> bool:
     return not dcp.exists() or all(p.suffix == ".safetensors" for p in dcp.rglob("*"))
 
 
-def prune_checkpoints(root: Path, keep: int, warn: Warn | None = None) -> None:
-    """Keep the newest `keep` complete checkpoints; remove temporary directories of dead
-    writers and incomplete `step-N` directories; report other junk (never counted)."""
+def prune_checkpoints(
+    root: Path, keep: int, warn: Warn | None = None, valid: Callable[[Path], bool] | None = None
+) -> None:
+    """Keep the newest `keep` valid checkpoints (`valid`, default `is_complete`); remove
+    temporary directories of dead writers and incomplete `step-N` directories a writer left;
+    report other invalid ones, which are never counted."""
     root = Path(root)
     warn = warn or (lambda message: None)
-    complete = []
+    valid = valid or is_complete
+    kept = []
     for path in list_checkpoints(root):
-        if is_complete(path):
-            complete.append(path)
+        if valid(path):
+            kept.append(path)
         elif _is_debris(path):
             shutil.rmtree(path, ignore_errors=True)
             warn(f"removed incomplete checkpoint directory '{path}' (no state.json)")
         else:
-            warn(f"'{path}' is not a complete checkpoint; it is ignored (remove it)")
-    for path in complete[: max(0, len(complete) - keep)]:
+            warn(f"'{path}' is not a valid checkpoint; it is not counted (remove it)")
+    for path in kept[: max(0, len(kept) - keep)]:
         shutil.rmtree(path, ignore_errors=True)
     for pattern in (".tmp-step-*", ".old-step-*"):  # left over by a crash mid-write
         for path in root.glob(pattern):

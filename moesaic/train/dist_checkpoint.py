@@ -35,6 +35,7 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,7 @@ def save_sharded_checkpoint(
     state: dict[str, Any],
     keep: int,
     warn: ckpt.Warn | None = None,
+    valid: Callable[[Path], bool] | None = None,
 ) -> Path:
     """Write checkpoint `step` of a multi-process run atomically; every rank must call.
 
@@ -237,17 +239,17 @@ def save_sharded_checkpoint(
             failure = str(e)
     _raise_on_all_ranks(failure, tmp)
     if world.is_main:
-        ckpt.prune_checkpoints(root, keep, warn)
+        ckpt.prune_checkpoints(root, keep, warn, ckpt._trusting(final, valid))
     barrier()
     return final
 
 
 def _raise_on_all_ranks(failure: str | None, tmp: Path) -> None:
     """Rank 0's failure (or None) on every rank: each raises it, rank 0 after cleaning up."""
+    if failure is not None and current_world().is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
     failure = broadcast_object(failure)
     if failure is not None:
-        if current_world().is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(failure)
 
 

@@ -146,6 +146,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self.saved_step: int | None = None  # the step of the newest checkpoint on disk
         self.warned: set[str] = set()
+        self.valid: dict[str, bool] = {}  # checkpoint directory name -> verified (cached)
         resume_step = self._load_latest() if resume else None
         self.metrics = distributed.NullLog()
         if self.world.is_main:
@@ -216,6 +217,7 @@ class Trainer:
         self.stream.load_state_dict(dckpt.rank_stream_state(state, rank, world_size))
         trainer = state["trainer"]
         self.step = self.saved_step = found.step
+        self.valid[found.path.name] = True
         self.tokens_seen = trainer["tokens_seen"]
         self.skipped_steps = trainer["skipped_steps"]
         self.bad_in_a_row = trainer["bad_in_a_row"]
@@ -266,8 +268,9 @@ class Trainer:
         try:
             if self.world.distributed:
                 path = dckpt.save_sharded_checkpoint(
-                    root, self.step, self.model, self.optimizer, rng, state, keep, self._warn
-                )
+                    root, self.step, self.model, self.optimizer, rng, state, keep, self._warn,
+                    self._valid,
+                )  # fmt: skip
             else:
                 opt_tensors, state["optimizer"] = optimizer_state_to_tensors(
                     self.optimizer, self.model
@@ -281,13 +284,26 @@ class Trainer:
                     state,
                     keep,
                     self._warn,
+                    self._valid,
                 )
         except CheckpointError as e:
             raise CheckpointError(
                 f"{e}; then continue with: moesaic train --resume {self.run_dir}"
             ) from None
         self.saved_step = self.step
+        self.valid[path.name] = True
         return path
+
+    def _valid(self, path: Path) -> bool:
+        """Whether a checkpoint verifies (hashed once per process): only these are counted
+        when old checkpoints are pruned."""
+        if path.name not in self.valid:
+            try:
+                dckpt.verify_any(path, self.fingerprint)
+                self.valid[path.name] = True
+            except CheckpointError:
+                self.valid[path.name] = False
+        return self.valid[path.name]
 
     def _divergence_fix(self) -> str:
         """What to do after a divergence: the same settings would diverge again on resume."""
@@ -386,12 +402,16 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Stop the watchdog and leave the process group this trainer joined (if it did)."""
+        """Stop the watchdog and leave the process group this trainer joined (if it did).
+
+        After a failure the group is left as it is: with a peer gone, tearing it down can wait
+        on that peer, and the process is about to exit anyway."""
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
-        if not self.failed:  # no rank leaves (rank 0 may host the store) while others watch
-            distributed.barrier()
+        if self.failed:
+            return
+        distributed.barrier()  # no rank leaves (rank 0 may host the store) while others watch
         if self.owns_process_group:
             distributed.shutdown_distributed()
             self.owns_process_group = False
