@@ -14,13 +14,11 @@ shard of the data, only rank 0 writes logs and run files, and checkpoints are sh
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +28,14 @@ from moesaic.config import Config
 from moesaic.data import build_eval_sets, build_stream, load_tokenizer
 from moesaic.errors import CheckpointError, ConfigError, MoesaicError
 from moesaic.evaluate.losses import evaluate
-from moesaic.files import atomic_write_text, cache_dir, os_error_fix
+from moesaic.files import atomic_write_text, cache_dir
 from moesaic.model import Transformer
 from moesaic.model.moe import update_router_biases
 from moesaic.runconfig import config_fingerprint, resolve_model_dims, run_dir_for
 from moesaic.train import checkpoint as ckpt
 from moesaic.train import dist_checkpoint as dckpt
 from moesaic.train import distributed
+from moesaic.train.faults import Stopped, os_errors, raise_stop, signal_name, start_up_debris
 from moesaic.train.malloc import retain_freed_memory
 from moesaic.train.metrics import MetricsLog
 from moesaic.train.optim import (
@@ -53,42 +52,6 @@ from moesaic.train.watchdog import Watchdog, report_failures
 
 class TrainingDiverged(MoesaicError):
     """Too many consecutive non-finite steps."""
-
-
-class _Stopped(Exception):
-    """SIGTERM / SIGINT during the final evaluation."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stop(signum, frame) -> None:
-    raise _Stopped(signum)
-
-
-def _signal_name(signum: int | None) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-def _start_up_debris(path: Path) -> bool:
-    """A temporary file a start killed while writing its run files leaves behind."""
-    return path.is_file() and path.name.startswith((".config.yaml.", ".tokenizer.json."))
-
-
-@contextlib.contextmanager
-def _os_errors(what: str) -> Iterator[None]:
-    """An OSError writing `what` (no space, read-only, no permission) as a one-line error."""
-    try:
-        yield
-    except OSError as e:
-        where = e.filename or what
-        raise CheckpointError(
-            f"cannot write {what} ({e.strerror or e}: '{where}'); {os_error_fix(e, where)}"
-        ) from None
 
 
 class Trainer:
@@ -123,7 +86,7 @@ class Trainer:
         data_cfg = (
             cfg.data if new_tokenizer else dataclasses.replace(cfg.data, tokenizer=str(tok_path))
         )
-        with distributed.main_process_first(), _os_errors("prepare the tokenizer"):
+        with distributed.main_process_first(), os_errors("prepare the tokenizer"):
             self.tokenizer = load_tokenizer(data_cfg, cache_dir())
         self.cfg = cfg = resolve_model_dims(cfg, self.tokenizer.vocab_size).validate()
         self.fingerprint = config_fingerprint(cfg)
@@ -150,10 +113,10 @@ class Trainer:
         resume_step = self._load_latest() if resume else None
         self.metrics = distributed.NullLog()
         if self.world.is_main:
-            with _os_errors(f"the run directory '{self.run_dir}'"):
+            with os_errors(f"the run directory '{self.run_dir}'"):
                 if not resume:
                     self.run_dir.mkdir(parents=True, exist_ok=True)
-                    for leftover in filter(_start_up_debris, self.run_dir.iterdir()):
+                    for leftover in filter(start_up_debris, self.run_dir.iterdir()):
                         leftover.unlink()  # what a start killed while writing left behind
                     atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
                 if new_tokenizer:
@@ -168,7 +131,7 @@ class Trainer:
             if not (self.run_dir / "config.yaml").is_file():
                 raise CheckpointError(f"nothing to resume: '{self.run_dir}' has no config.yaml")
             return
-        if self.run_dir.exists() and not all(map(_start_up_debris, self.run_dir.iterdir())):
+        if self.run_dir.exists() and not all(map(start_up_debris, self.run_dir.iterdir())):
             raise ConfigError(
                 f"run directory '{self.run_dir}' already exists; continue it with "
                 f"--resume {self.run_dir} or choose another name=..."
@@ -417,7 +380,7 @@ class Trainer:
             self.owns_process_group = False
 
     def _log(self, record: dict[str, Any]) -> None:
-        with _os_errors(f"the metrics log in '{self.run_dir}'"):
+        with os_errors(f"the metrics log in '{self.run_dir}'"):
             self.metrics.log(record)
 
     def _run(self) -> dict[str, Any]:
@@ -431,19 +394,19 @@ class Trainer:
             summary = self._summary(status)
             if status == "interrupted":
                 self._say(
-                    f"stopped by {_signal_name(self.stop_signal)} at step {self.step}; checkpoint "
+                    f"stopped by {signal_name(self.stop_signal)} at step {self.step}; checkpoint "
                     f"saved. Continue with: moesaic train --resume {self.run_dir}"
                 )
                 return summary
             try:
                 for s in handlers:
-                    signal.signal(s, _raise_stop)
+                    signal.signal(s, raise_stop)
                 if distributed.any_rank(self.stop_signal is not None):
-                    raise _Stopped(self.stop_signal or signal.SIGTERM)
+                    raise Stopped(self.stop_signal or signal.SIGTERM)
                 final, per_batch = self.evaluate()
-            except _Stopped as stop:
+            except Stopped as stop:
                 self._say(
-                    f"stopped by {_signal_name(stop.signum)} before the final evaluation of step "
+                    f"stopped by {signal_name(stop.signum)} before the final evaluation of step "
                     f"{self.step} (its checkpoint is saved); finish it with: moesaic train "
                     f"--resume {self.run_dir}"
                 )
@@ -456,7 +419,7 @@ class Trainer:
             summary["eval"] = final["losses"]
             summary["eval_batches"] = per_batch
             if self.world.is_main:
-                with _os_errors(f"summary.json in '{self.run_dir}'"):
+                with os_errors(f"summary.json in '{self.run_dir}'"):
                     atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
             return summary
         finally:
