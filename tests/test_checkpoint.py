@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from moesaic.config import TrainConfig
@@ -278,8 +279,11 @@ def test_failed_write_cleans_up_and_says_what_to_do(tmp_path, monkeypatch, code,
 
     def failing(tensors, path):
         calls.append(path)
-        if len(calls) == 2:
-            raise OSError(code, os.strerror(code))
+        if len(calls) == 2:  # safetensors reports the error as text
+            raise SafetensorError(
+                f"Error while serializing: I/O error: {os.strerror(code)} (os error {code}) at "
+                f'path "{path}.tmp"'
+            )
         real(tensors, path)
 
     monkeypatch.setattr(ckpt, "save_file", failing)

@@ -111,7 +111,13 @@ def check_free_space(root: Path, needed: int, step: int) -> None:
 
 
 def write_failure(root: Path, step: int, e: BaseException) -> CheckpointError:
-    """A one-line CheckpointError for a failed write, with the fix for the usual causes."""
+    """A one-line CheckpointError for a failed write, with the fix for the usual causes.
+
+    safetensors reports I/O errors as text ("... No space left on device (os error 28) ..."):
+    the error number is read back from it."""
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    if not isinstance(e, OSError) and code:
+        e = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
     reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
     return CheckpointError(
         f"cannot write checkpoint step {step} in '{root}' ({reason}); {os_error_fix(e, root)}; "
