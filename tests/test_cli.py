@@ -198,3 +198,42 @@ def test_unwritable_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
     err = _one_line_error(argv, capsys)
     assert "cannot write the run directory" in err and "Permission denied" in err
     assert f"make '{tmp_path / 'ro' / 'config.yaml'}' writable" in err
+
+
+def test_a_full_disk_under_the_metrics_log_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from moesaic.train.metrics import MetricsLog
+
+    real, calls = MetricsLog.log, []
+
+    def log(self, record):
+        calls.append(record)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self, record)
+
+    monkeypatch.setattr(MetricsLog, "log", log)
+    argv = ["train", "tiny", *MICRO, "train.steps=3", f"out={tmp_path}", "name=full"]
+    err = _one_line_error(argv, capsys)
+    assert f"cannot write the metrics log in '{tmp_path / 'full'}'" in err
+    assert "No space left on device" in err and "free some disk space" in err
+
+
+def test_a_run_without_checkpoint_or_tokenizer_resumes_from_step_0(trained, tmp_path, capsys):
+    """Stopped between writing config.yaml and tokenizer.json: --resume makes the tokenizer
+    again (the same one) and trains from step 0."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    tokenizer = (run / "tokenizer.json").read_text()
+    for name in ("checkpoints", "summary.json", "tokenizer.json", "metrics.jsonl"):
+        target = run / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"no checkpoint in '{run}' yet: starting it from step 0" in out
+    assert f"finished 2 steps in {run}" in out
+    assert (run / "tokenizer.json").read_text() == tokenizer
