@@ -60,7 +60,13 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
         raise CheckpointError(f"run directory '{run_dir}' has no tokenizer.json")
     tokenizer = load_tokenizer(dataclasses.replace(cfg.data, tokenizer=str(tok_path)), cache_dir())
     cfg = resolve_model_dims(cfg, tokenizer.vocab_size)
-    found, rejected = latest_any_checkpoint(run_dir / "checkpoints", config_fingerprint(cfg))
+    try:
+        found, rejected = latest_any_checkpoint(run_dir / "checkpoints", config_fingerprint(cfg))
+    except CheckpointError as e:  # a checkpoint of another config: config.yaml was edited
+        raise CheckpointError(
+            f"{str(e).split(';')[0]}, not by '{run_dir / 'config.yaml'}'; restore the run's own "
+            "config.yaml"
+        ) from None
     if found is None:
         why = f" ({rejected[0]})" if rejected else ""
         raise CheckpointError(f"run directory '{run_dir}' has no usable checkpoint{why}")
