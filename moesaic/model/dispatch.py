@@ -93,23 +93,23 @@ class _UnpermuteSum(torch.autograd.Function):
 
 
 class _GatedSum(torch.autograd.Function):
-    """y_TD = Σ_j gate_F[t·k + j] · y_SD[row of (t, j)] in fp32: the gates applied in the combine.
+    """y_TD = Σ_j gate_A[t·k + j] · y_SD[row of (t, j)] in fp32: the gates applied in the combine.
 
-    `gate_S` is each row's gate, the same values as `gate_F` in row order; only the backward
-    uses it, and returns the gradient of `gate_F`.
+    `gate_S` is each row's gate, the same values as `gate_A` in row order; only the backward
+    uses it, and returns the gradient of `gate_A`.
     """
 
     @staticmethod
-    def forward(ctx, y_SD: Tensor, gate_F: Tensor, gate_S: Tensor, rows: Rows) -> Tensor:
+    def forward(ctx, y_SD: Tensor, gate_A: Tensor, gate_S: Tensor, rows: Rows) -> Tensor:
         ctx.rows = rows
         ctx.save_for_backward(y_SD, gate_S)
         T, k, y = rows.num_tokens, rows.k, wide(y_SD)
         if bag_sums(y):
-            bags = rows.inverse_F.view(T, k)
-            weights = gate_F.to(y.dtype).view(T, k)
+            bags = rows.inverse_A.view(T, k)
+            weights = gate_A.to(y.dtype).view(T, k)
             return F.embedding_bag(bags, y, mode="sum", per_sample_weights=weights)
-        y_TKD = y.index_select(0, rows.inverse_F).view(T, k, -1)
-        return (y_TKD * gate_F.view(T, k, 1)).sum(1)
+        y_TKD = y.index_select(0, rows.inverse_A).view(T, k, -1)
+        return (y_TKD * gate_A.view(T, k, 1)).sum(1)
 
     @staticmethod
     def backward(ctx, g_TD: Tensor):
@@ -119,7 +119,7 @@ class _GatedSum(torch.autograd.Function):
         grad_gate = None
         if ctx.needs_input_grad[1]:
             grad_gate_S = torch.linalg.vecdot(g_SD, wide(y_SD))
-            grad_gate = grad_gate_S.index_select(0, rows.inverse_F)
+            grad_gate = grad_gate_S.index_select(0, rows.inverse_A)
         grad_y = g_SD.mul_(gate_S.unsqueeze(-1)).to(y_SD.dtype)
         return grad_y, grad_gate, None, None
 
@@ -170,12 +170,12 @@ def dispatch(x_TD: Tensor, expert_TK: Tensor, gate_TK: Tensor | None, experts: n
     x_SD = permute(x_TD, routing)
     if gate_TK is None:
         return unpermute_sum(experts(x_SD, routing.counts_E), routing).to(x_TD.dtype)
-    gate_F = wide(gate_TK).reshape(-1)
+    gate_A = wide(gate_TK).reshape(-1)
     if gates_in_combine(experts):
-        gate_S = gate_F.detach().index_select(0, routing.order_S)
+        gate_S = gate_A.detach().index_select(0, routing.order_S)
         y_SD = experts(x_SD, routing.counts_E, None)
-        return _GatedSum.apply(y_SD, gate_F, gate_S, routing.rows()).to(x_TD.dtype)
-    y_SD = experts(x_SD, routing.counts_E, gate_F.index_select(0, routing.order_S))
+        return _GatedSum.apply(y_SD, gate_A, gate_S, routing.rows()).to(x_TD.dtype)
+    y_SD = experts(x_SD, routing.counts_E, gate_A.index_select(0, routing.order_S))
     return unpermute_sum(y_SD, routing).to(x_TD.dtype)
 
 
@@ -191,10 +191,10 @@ def _dispatch_native(
     w1, w2 = weights
     rows, counts_E = routing.rows(), routing.counts_E
     if gate_TK is not None and gates_in_combine(experts, native=True):
-        gate_F = wide(gate_TK).reshape(-1)
-        gate_S = gate_F.detach().index_select(0, routing.order_S)
+        gate_A = wide(gate_TK).reshape(-1)
+        gate_S = gate_A.detach().index_select(0, routing.order_S)
         y_SD = native_experts(x_TD, w1, w2, counts_E, None, rows, summed=False)
-        return _GatedSum.apply(y_SD, gate_F, gate_S, rows).to(x_TD.dtype)
+        return _GatedSum.apply(y_SD, gate_A, gate_S, rows).to(x_TD.dtype)
     scale_S = None
     if gate_TK is not None:
         scale_S = wide(gate_TK).reshape(-1).index_select(0, routing.order_S)

@@ -1,5 +1,8 @@
 """How rows move between token order `[T, D]` and expert order `[S, D]` (S = T·k), and the
 deterministic fp32 sum of each token's k rows that every combine and every backward gather uses.
+
+Suffix A indexes the T·k assignments in token order (flat index token·k + slot); S indexes the
+same assignments sorted by expert.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ from torch import Tensor
 
 @dataclasses.dataclass
 class Rows:
-    """gather_S: token each expert-order row reads; inverse_F: the expert-order row of each flat
+    """gather_S: token each expert-order row reads; inverse_A: the expert-order row of each
     assignment token·k + slot."""
 
     gather_S: Tensor
-    inverse_F: Tensor
+    inverse_A: Tensor
     num_tokens: int
     k: int
 
@@ -43,5 +46,5 @@ def sum_rows(y_SD: Tensor, rows: Rows) -> Tensor:
     """
     T, k, y_SD = rows.num_tokens, rows.k, wide(y_SD)
     if bag_sums(y_SD):
-        return F.embedding_bag(rows.inverse_F.view(T, k), y_SD, mode="sum")
-    return y_SD.index_select(0, rows.inverse_F).view(T, k, -1).sum(1)
+        return F.embedding_bag(rows.inverse_A.view(T, k), y_SD, mode="sum")
+    return y_SD.index_select(0, rows.inverse_A).view(T, k, -1).sum(1)
