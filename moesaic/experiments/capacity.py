@@ -7,7 +7,8 @@ MoE) should pay less of it where capacity binds — at the small sizes. Each siz
 d / head_dim`; at every size the full step-matched tax grid of `compete.py` (arms × text /
 image / joint × seeds) trains on the same data. The summary reports, per size, everything the
 tax study reports, and across sizes the tax against the tokens each modality saw per active
-parameter (and, with the world's knowledge base on, the stored facts per parameter).
+parameter (and, with the world's knowledge base on, its bits per active parameter: about 2 bits
+per parameter is what language models can store, Allen-Zhu & Li 2024).
 """
 
 from __future__ import annotations
@@ -155,9 +156,20 @@ class Capacity(Compete):
         return "\n".join(lines)
 
 
+def _knowledge_bits(study: CapacityConfig) -> float:
+    """Information content of the world's knowledge base the runs train on (0 without one)."""
+    from moesaic.data.world.knowledge import bits_per_entity
+    from moesaic.experiments.engine import base_config
+
+    kb = base_config(study).data.knowledge
+    return kb.entities * bits_per_entity(kb.attributes) if kb.entities else 0.0
+
+
 def _curves(study: CapacityConfig, sizes: dict[str, Any]) -> dict[str, Any]:
-    """headline metric → arm → one point per width: the tax Stat, active parameters and the
-    tokens of the metric's modality per active parameter (from the joint run of seed 1)."""
+    """headline metric → arm → one point per width: the tax Stat, active parameters, the tokens
+    of the metric's modality per active parameter (from the joint run of seed 1) and, with a
+    knowledge base, its bits per active parameter."""
+    bits = _knowledge_bits(study)
     out: dict[str, Any] = {}
     for key in HEADLINE_KEYS:
         modality = "text" if key.endswith("/text") else "image"
@@ -168,12 +180,16 @@ def _curves(study: CapacityConfig, sizes: dict[str, Any]) -> dict[str, Any]:
                 a = sizes[str(width)]["arms"][arm]
                 cell = a["metrics"].get(key) or {}
                 tpp = a.get("tokens_per_active_param", {}).get(modality)
+                active = a.get("params_active")
                 points.append(
                     {
                         "width": width,
-                        "params_active": a.get("params_active"),
+                        "params_active": active,
                         "params_total": a.get("params_total"),
                         "tokens_per_active_param": tpp,
+                        "knowledge_bits_per_active_param": bits / active
+                        if bits and active
+                        else None,
                         "tax": cell.get("tax"),
                         "delta": cell.get("delta"),
                     }

@@ -34,35 +34,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         "granularity": 2,
         "description": "end-to-end check of the study machinery; losses are not meaningful",
     },
-    # Minutes on 2 CPU cores (`make demo`).
+    # Minutes on 2 CPU cores (`make demo`): a 4-layer, 32-wide model on a world with a
+    # knowledge base and busier scenes, chosen by the search in docs/study.md.
     "quick": {
         "name": "compete-quick",
         "base": "tiny",
         "overrides": [
-            "model.dim=64",
+            "model.dim=32",
             "model.layers=4",
             "model.heads=2",
-            "model.ffn.hidden=256",
+            "model.ffn.hidden=128",
             "model.ffn.z_loss=1e-4",
             "data.seq_len=128",
             "data.batch_size=8",
             "data.vocab_size=1024",
+            "data.knowledge.entities=100",
+            "data.knowledge.share=0.5",
+            "data.max_objects=6",
             "train.lr=3e-3",
             "train.warmup=30",
             "train.threads=1",
-            "train.checkpoint_every=200",
-            "eval.every=100",
+            "train.checkpoint_every=100",
+            "eval.every=0",
             "eval.batches=8",
             "logging.every=10",
             "logging.progress=none",
         ],
         "arms": ["dense", "modality", "moe", "moe-total-matched"],
         "seeds": 5,
-        "steps": 400,
+        "steps": 250,
         "experts": 16,
         "granularity": 4,
         "jobs": 2,
-        "description": "CPU-sized study: every arm's tax on the built-in world",
+        "description": "CPU-sized study: every arm's tax on the built-in world with a knowledge "
+        "base, 5 seeds",
     },
     # One GPU, hours (documented, not run in CI): the `small` preset (12 × 768, 32×32 images).
     "paper": {
