@@ -12,6 +12,10 @@ from moesaic.report.html import HtmlReport
 from moesaic.report.study import count, interval, verdicts
 
 
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3g}"
+
+
 def capacity_report(summary: Mapping[str, Any]) -> HtmlReport:
     study = summary["study"]
     r = HtmlReport(f"Modality tax against model size: {study['name']}")
@@ -46,6 +50,7 @@ def capacity_report(summary: Mapping[str, Any]) -> HtmlReport:
                 count(p["params_active"]),
                 count(p["params_total"]),
                 f"{p['tokens_per_active_param']:.3g}" if p["tokens_per_active_param"] else "—",
+                _num(p.get("knowledge_bits_per_active_param")),
                 interval(p["delta"], 4, "", True),
                 interval(p["tax"], 2, "%", True),
             ]
@@ -59,6 +64,7 @@ def capacity_report(summary: Mapping[str, Any]) -> HtmlReport:
                 "active params",
                 "total params",
                 "tokens / active param",
+                "knowledge bits / active param",
                 "Δ joint − unimodal",
                 "tax",
             ],
