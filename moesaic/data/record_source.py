@@ -50,8 +50,9 @@ class RecordSource:
 
     kinds: tuple[str, ...] = IMAGE_KINDS
 
-    def __init__(self, cfg: DataConfig, split: str):
+    def __init__(self, cfg: DataConfig, split: str, label: str = ""):
         self.cfg, self.split = cfg, split
+        self.label = label or f"data.source='{cfg.source}'"  # how messages name the source
         self.skipped: Counter = Counter()
         self.skipped_draws: Counter = Counter()
         self.bad_records: dict[int, str] = {}  # index into items -> reason (counted once)
@@ -64,14 +65,13 @@ class RecordSource:
         self.n_records = len(items)  # usable records of all splits
         if not items:
             raise DataError(
-                f"data.source='{cfg.source}' found no usable records in {cfg.paths}"
+                f"{self.label} found no usable records in {cfg.paths}"
                 + (f" (skipped: {dict(self.skipped)})" if self.skipped else "")
             )
         self.items = self._select(items, split)
         if not self.items:
             raise DataError(
-                f"data.source='{cfg.source}' has no '{split}' records ({len(items)} in all); "
-                "add more data"
+                f"{self.label} has no '{split}' records ({len(items)} in all); add more data"
             )
         self._perms: dict[int, np.ndarray] = {}
 
@@ -124,7 +124,7 @@ class RecordSource:
         if len(self.bad_records) == len(self.items):
             raise DataError(
                 f"every one of the {len(self.items)} '{self.split}' records of "
-                f"data.source='{self.cfg.source}' is bad ({dict(self.skipped)}); fix the data"
+                f"{self.label} is bad ({dict(self.skipped)}); fix the data"
             )
         return None
 

@@ -475,8 +475,11 @@ SOURCES = {
 }
 
 
-def open_source(cfg: DataConfig, split: str) -> RecordSource:
-    return SOURCES[cfg.source](cfg, split)
+def open_source(
+    cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, label: str = ""
+) -> RecordSource:
+    """The reader of `data.source` for one split (`label`: how messages name it)."""
+    return SOURCES[cfg.source](cfg, split, label=label)
 
 
 def source_corpus(cfg: DataConfig) -> list[str]:
