@@ -75,6 +75,11 @@ class RecordSource:
             )
         self._perms: dict[int, np.ndarray] = {}
 
+    @property
+    def split_records(self) -> int:
+        """Records of this split (bad ones not yet met included): what eval sets report."""
+        return len(self.items)
+
     # subclasses: scan(paths) -> list[(key, ref)]; load(ref) -> Record, raising Skip if bad
     def scan(self, paths: list[Path]) -> list[tuple[str, object]]:
         raise NotImplementedError

@@ -49,7 +49,9 @@ few per reason):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import os
 import tarfile
 import warnings
 from collections.abc import Iterable, Iterator
@@ -106,9 +108,22 @@ def source_kinds(cfg: DataConfig) -> tuple[str, ...]:
 
 
 def saw_images(cfg: DataConfig) -> bool:
-    """Whether a config's data mix draws images: an image kind of its source weighs > 0."""
-    kinds = set(source_kinds(cfg)) & {"caption_image", "image_caption", "vqa", "image"}
-    return any(w > 0 for k, w in cfg.mix.items() if k in kinds)
+    """Whether a config's data draws images: an image kind of a source weighs > 0 in its mix
+    (each `data.parts` entry counts as a mix; a source's own mix sets its shares)."""
+    from moesaic.data.mixing import member_config
+
+    image = {"caption_image", "image_caption", "vqa", "image"}
+    mixes = cfg.parts or [cfg.mix]
+    if not cfg.sources:
+        kinds = set(source_kinds(cfg)) & image
+        return any(w > 0 for mix in mixes for k, w in mix.items() if k in kinds)
+    for src in cfg.source_list():
+        provided = set(source_kinds(member_config(cfg, src)))
+        for mix in mixes:
+            allowed = {k for k, w in mix.items() if w > 0 and k in provided}
+            if any(w > 0 and k in allowed & image for k, w in (src.mix or mix).items()):
+                return True
+    return False
 
 
 class FolderSource(RecordSource):
@@ -464,6 +479,33 @@ class DigitsSource(RecordSource):
         img, caption = ref  # type: ignore[misc]
         pil = Image.fromarray(np.uint8(np.clip(img * 16, 0, 255)))
         return Record(text=caption, images=(to_array(pil, self.cfg.image_size, self.cfg.channels),))
+
+
+class OodTextSource(TextSource):
+    """The text files of `eval.ood_text`: every record (no split), drawn as `ood_text`."""
+
+    kinds = ("ood_text",)
+
+    @staticmethod
+    def _select(items: list[tuple[str, object]], split: str) -> list[object]:
+        return [ref for _, ref in sorted(items)]
+
+
+def open_ood_text(cfg: DataConfig, paths: list[str]) -> OodTextSource:
+    """The user's out-of-distribution text set; a path that cannot be read stops the run."""
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise DataError(
+                f"eval.ood_text path '{p}' does not exist; give .txt / .jsonl files or "
+                "directories holding them"
+            )
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise DataError(f"eval.ood_text path '{p}' cannot be read; fix its permissions")
+    ood = dataclasses.replace(
+        cfg, source="text", paths=list(paths), follow_symlinks=False, sources=[]
+    )
+    return OodTextSource(ood, "val", label="eval.ood_text")
 
 
 SOURCES = {
