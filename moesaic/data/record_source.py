@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from moesaic.config import DataConfig
-from moesaic.data.images import ImageError, decode_image
+from moesaic.data.decode_cache import DecodeCache
+from moesaic.data.images import ImageError, decode_image, decode_pixels, scale_pixels
 from moesaic.data.reading import BadEncoding, DataWarning, checked_text, printable, read_lines
 from moesaic.data.world.generators import Record
 from moesaic.errors import DataError
+from moesaic.files import cache_dir
 
 IMAGE_KINDS = ("caption_image", "image_caption", "image")
 WARN_PER_REASON = 5
@@ -58,6 +60,9 @@ class RecordSource:
         self.bad_records: dict[int, str] = {}  # index into items -> reason (counted once)
         self._warned: Counter = Counter()
         self.max_chars = cfg.seq_len * CHARS_PER_TOKEN
+        self.decode_cache = (
+            DecodeCache(cache_dir(), cfg.image_size, cfg.channels) if cfg.decode_cache else None
+        )
         for p in cfg.paths:
             if "\x00" in p:
                 raise DataError(f"data.paths entry {p!r} holds a NUL character; fix the path")
@@ -157,8 +162,13 @@ class RecordSource:
         return ref[1]  # type: ignore[index]
 
     def _image(self, data: bytes | Path | object, where: str) -> np.ndarray:
+        """A record's image by the one decoding rule, through the decode cache when on."""
+        size, channels = self.cfg.image_size, self.cfg.channels
         try:
-            return decode_image(data, self.cfg.image_size, self.cfg.channels)  # type: ignore[arg-type]
+            if self.decode_cache is not None and isinstance(data, bytes | bytearray | Path):
+                pixels = self.decode_cache.pixels(data, lambda d: decode_pixels(d, size, channels))
+                return scale_pixels(pixels)
+            return decode_image(data, size, channels)  # type: ignore[arg-type]
         except ImageError as e:
             raise Skip(e.reason, f"{where} {e}") from None
 
