@@ -180,13 +180,15 @@ def test_tar_shards(tmp_path):
         info = tarfile.TarInfo("9999.txt")  # caption without an image
         info.size = 3
         tar.addfile(info, io.BytesIO(b"abc"))
-    cfg = _cfg("webdataset", [str(shard)])
-    with pytest.warns(DataWarning, match="no image"):
-        tok = load_tokenizer(cfg, tmp_path / "cache")
-        stream = build_stream(cfg, tok)
-    b = next(stream)
-    b.validate()
+    cfg = _cfg("webdataset", [str(shard)], "data.mix={image: 1}")
+    tok = load_tokenizer(cfg, tmp_path / "cache")
+    stream = build_stream(cfg, tok)
+    with pytest.warns(DataWarning, match="no image"):  # counted when the sample is drawn
+        for _ in range(4):  # two epochs of the train split: 9999 is in it
+            b = next(stream)
+            b.validate()
     assert b.image_mask.any()
+    assert stream.skipped == {"missing_file": 1}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn missing")
@@ -303,7 +305,7 @@ def test_webdataset_directory_skips_shards_outside(tmp_path):
     with pytest.warns(DataWarning, match="symlink out"):
         src = make_source(_cfg("webdataset", [str(root)]), "train")
     assert src.skipped == {"outside_root": 1}
-    assert {shard.name for shard, _, _ in src.items} == {"a.tar"}
+    assert {shard.name for shard in src.shards} == {"a.tar"}
 
 
 def test_follow_symlinks_option(tmp_path):
@@ -388,9 +390,11 @@ def test_webdataset_keys_follow_the_webdataset_rule(tmp_path):
     with tarfile.open(shard, "w") as tar:  # what `tar -cf x.tar -C dir .` writes
         tar.add(src_dir, arcname=".")
     cfg = _cfg("webdataset", [str(shard)])
-    every = [r for s in ("train", "val", "test") for r in make_source(cfg, s).items]
+    every = [r for s in ("train", "val", "test") for r in make_source(cfg, s).samples()]
     assert len(every) == N
-    assert all(m.name.startswith("./") and cap.startswith("shard image") for _, m, cap in every)
+    assert all(m[".png"].name.startswith("./") for _, _, m in every)
+    captions = [c for s in ("train", "val", "test") for c in make_source(cfg, s).texts()]
+    assert len(captions) == N and all(c.startswith("shard image") for c in captions)
 
 
 # ------------------------------------------------------------------ measured and noisy
