@@ -2,7 +2,7 @@
 run's latest checkpoint and, with `--tasks`, task accuracy (`moesaic.evaluate.tasks`), with
 the chance level of each score next to it. Writes RUN_DIR/eval.json, which also says where
 each eval set came from (`eval_sources`: source, reader, paths, split, held-out records,
-documents drawn)."""
+documents in the eval batches)."""
 
 from __future__ import annotations
 
@@ -98,4 +98,4 @@ def describe_origin(origin: dict) -> str:
         if o["records"] is None and o["reader"] == "webdataset":
             held = "streamed"
         parts.append(f"{o['source']} ({o['reader']}, {o['split']}: {held})")
-    return f"{'; '.join(parts)}; {origin['documents']} documents drawn"
+    return f"{'; '.join(parts)}; {origin['documents']} documents in the eval batches"

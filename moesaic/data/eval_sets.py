@@ -22,7 +22,7 @@ then read `text@corpus/text`).
 Provenance. `EvalSets.sources` says, per set, which source, reader, paths and split it came
 from, how many held-out records that split holds (documents for text, images for image sets;
 `null` for the generated world and for WebDataset shards not yet read through) and how many
-documents the eval batches drew. A split with fewer than `MIN_EVAL_RECORDS` records prints one
+documents the eval batches hold. A split with fewer than `MIN_EVAL_RECORDS` records prints one
 warning: its loss repeats a handful of documents and says little about held-out data.
 
 Everything — documents, noise, flow times — derives from the `seed` argument (the config's
@@ -37,7 +37,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from moesaic.batch import Batch
+from moesaic.batch import Batch, DocKind
 from moesaic.config import DataConfig
 from moesaic.data.documents import eval_time_grid
 from moesaic.data.mixing import Member, SourceSet, open_sources
@@ -165,10 +165,16 @@ def build_eval_sets(
         which = "all" if members[0] is ood and ood_text else split
         origins[name] = {
             "from": [_origin(m, which) for m in members],
-            "documents": stream.stats["docs"],
+            "documents": sum(_documents(b) for b in out[name]),
         }
     _warn_small(origins)
     return EvalSets(out, origins)
+
+
+def _documents(batch: Batch) -> int:
+    """Documents placed in a batch (padding excluded)."""
+    real = batch.doc_kind != int(DocKind.PAD)
+    return sum(int(batch.doc_id[r][real[r]].unique().numel()) for r in range(real.shape[0]))
 
 
 def _warn_small(origins: dict[str, dict]) -> None:
