@@ -177,18 +177,24 @@ def test_tar_shards(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(blob)
                 tar.addfile(info, io.BytesIO(blob))
-        info = tarfile.TarInfo("9999.txt")  # caption without an image
-        info.size = 3
-        tar.addfile(info, io.BytesIO(b"abc"))
+        for i in range(9994, 10000):  # captions without an image
+            info = tarfile.TarInfo(f"{i}.txt")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
     cfg = _cfg("webdataset", [str(shard)], "data.mix={image: 1}")
     tok = load_tokenizer(cfg, tmp_path / "cache")
     stream = build_stream(cfg, tok)
+    train = list(stream.source.samples())  # which samples are train depends on the path
+    bad = [key for _, key, members in train if ".png" not in members]
+    assert bad  # 6 of 30 samples without an image, 4 held out: some are in train
     with pytest.warns(DataWarning, match="no image"):  # counted when the sample is drawn
-        for _ in range(4):  # two epochs of the train split: 9999 is in it
+        while stream.counters["image"] < 2 * len(train):  # two epochs
             b = next(stream)
             b.validate()
     assert b.image_mask.any()
-    assert stream.skipped == {"missing_file": 1}
+    assert stream.skipped == {"missing_file": len(bad)}
+    assert set(stream.skipped_draws) == {"missing_file"}
+    assert stream.skipped_draws["missing_file"] >= 2 * len(bad)  # drawn every epoch
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn missing")

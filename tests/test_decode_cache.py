@@ -113,3 +113,12 @@ def test_data_decode_cache_option(tmp_path, monkeypatch):
         assert np.array_equal(next(on).patches.numpy(), b.patches.numpy())
     train = len(on.source.items)  # the split holds 2 of the 4
     assert len(list(entries.rglob("*.px"))) == train == 2 and on.source.decode_cache.hits > 0
+
+
+def test_the_cache_setting_does_not_change_a_runs_identity():
+    """Runs with and without the cache compute the same: a run resumes or is reused either way."""
+    from moesaic.runconfig import config_fingerprint
+
+    on, off = load_config("tiny"), load_config("tiny", ["data.decode_cache=false"])
+    assert off.data.decode_cache is False
+    assert config_fingerprint(on) == config_fingerprint(off)

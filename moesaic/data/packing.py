@@ -86,7 +86,11 @@ class DocOptions:
 class DocFactory:
     """Turns (lane, global index) into a laid-out `Doc`: a pure function of its arguments."""
 
-    def __init__(self, cfg: DataConfig, tok, sources: SourceSet, split: str, seed: int, opts):
+    def __init__(
+        self, cfg: DataConfig, tok, sources: Source | SourceSet, split: str, seed: int, opts
+    ):
+        if not isinstance(sources, SourceSet):
+            sources = SourceSet.single(sources, f"data.source='{cfg.source}'", cfg.source)
         self.cfg, self.tok, self.sources, self.opts = cfg, tok, sources, opts
         self.ids = tok.special
         self.split_id, self.seed = SPLIT_IDS[split], seed
