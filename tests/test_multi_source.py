@@ -176,6 +176,7 @@ def test_two_real_sources_mix_at_their_weights_and_resume_exactly(files, tok):
     assert stream.produced == {
         k: sum(v.get(k, 0) for v in by_source.values()) for k in stream.produced
     }
+    stream.sources.by_name["photos"].source.skipped["bad_image"] += 2  # as if met while drawing
     state = json.loads(json.dumps(stream.state_dict()))
     assert set(state["source"]["members"]) == {"notes", "photos"}
     expected = [next(stream) for _ in range(3)]
@@ -183,6 +184,7 @@ def test_two_real_sources_mix_at_their_weights_and_resume_exactly(files, tok):
     resumed.load_state_dict(state)
     for a in expected:
         assert _equal(a, next(resumed))
+    assert resumed.sources.skipped_by_source() == {"photos": {"bad_image": 2}}
 
 
 def test_documents_are_keyed_by_source_name_not_position(files, tok):
@@ -305,11 +307,15 @@ def test_ood_text_is_the_users_when_given(files, tok):
     assert world.sources["ood_text"]["from"][0]["records"] is None
 
 
-def test_ood_text_paths_that_cannot_be_used_stop_with_one_line(files, tok, tmp_path):
+def test_ood_text_paths_that_cannot_be_used_stop_with_one_line(files, tok, tmp_path, monkeypatch):
     cfg = _two(files)
     with pytest.raises(DataError, match="eval.ood_text path '.*nope.txt' does not exist") as e:
         build_eval_sets(cfg, tok, seed=0, n_batches=1, ood_text=[str(tmp_path / "nope.txt")])
     assert "\n" not in str(e.value)
+    with monkeypatch.context() as m:  # (the tests may run as root, who reads anything)
+        m.setattr("moesaic.data.sources.os.access", lambda path, mode: False)
+        with pytest.raises(DataError, match="ood.txt' cannot be read; fix its permissions"):
+            build_eval_sets(cfg, tok, seed=0, n_batches=1, ood_text=[str(files["ood"])])
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="eval.ood_text found no usable records"):
         build_eval_sets(cfg, tok, seed=0, n_batches=1, ood_text=[str(tmp_path / "empty")])
@@ -369,6 +375,12 @@ def test_bad_sources_stop_with_one_line(sources, extra, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config("tiny", [f"data.sources={text}", *extra])
     assert "\n" not in str(e.value)
+
+
+def test_all_weights_zero_stops_at_the_first():
+    zero = [{"kind": "text", "name": n, "paths": ["a"], "weight": 0} for n in ("a", "b")]
+    with pytest.raises(ConfigError, match="data.sources\\[0\\].weight=0.0 must be"):
+        load_config("tiny", [f"data.sources={json.dumps(zero)}"])
 
 
 def test_sources_that_all_drop_out_stop_with_one_line(files, tok):
