@@ -16,8 +16,10 @@ truncated at the end (counted in `stream.stats["truncated_tokens"]`); nothing el
 dropped or repeated: every drawn document appears exactly once, whole, in order of its row.
 
 Several sources (`data.sources`, `mixing.py`). The scheduler mixes *lanes* — one kind of one
-source, `kind@name` — exactly as it mixes kinds, so every lane stays within one document of its
-target share; with the one source of `data.source` the lanes are the bare kinds.
+source, `kind@name` — exactly as it mixes kinds: a lane is drawn only when it is at or below its
+share, so none ever gets more than one document ahead of it (nor, since the deviations sum to
+zero, more than one document per other lane behind). With the one source of `data.source` the
+lanes are the bare kinds.
 
 Determinism and resume. Document `g` of kind `k` is a pure function of (seed, split, k, g) —
 and of the source, through its salt, when there are several: its content, flow time, caption
