@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compete": ("moesaic.commands.compete", "the modality-competition study: tax per arm + report"),
     "analyze": ("moesaic.commands.analyze", "expert specialisation and activation sparsity"),
     "bench": ("moesaic.bench.cli", "run a benchmark (prints a table; --json writes the figures)"),
+    "data": (
+        "moesaic.commands.data",
+        "data helpers: `data example DIR` writes a real-data example",
+    ),
 }
 
 

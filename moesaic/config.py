@@ -10,6 +10,7 @@ one-line message and a "did you mean" suggestion.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,69 @@ class KnowledgeConfig:
             )
 
 
+READERS = ("world", "folder", "text", "webdataset", "hf", "digits")
+SYMLINK_READERS = ("folder", "text", "webdataset")  # readers that walk directories
+SOURCE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One entry of `data.sources`: a reader, its inputs, and its share of document tokens.
+
+    The target share of (source s, kind k) is weight_s × share_s(k), where share_s is the
+    source's own `mix` or, when empty, the run's mix restricted to the kinds it provides
+    (docs/data-sources.md, `moesaic/data/mixing.py`).
+    """
+
+    kind: str = ""  # the reader: world | folder | text | webdataset | hf | digits
+    name: str = ""  # "" = the reader's name; names key the source's documents and eval sets
+    paths: list[str] = dataclasses.field(default_factory=list)
+    weight: float = 1.0  # share of document tokens (normalised over the sources drawn from)
+    mix: dict[str, float] = dataclasses.field(default_factory=dict)  # {} = the run's mix
+    follow_symlinks: bool = False  # folder, text, webdataset (see data.follow_symlinks)
+    caption_register: str = ""  # world: "" = data.caption_register
+    max_objects: int = 0  # world: 0 = data.max_objects
+
+    def validate(self, path: str) -> None:
+        if not self.kind:
+            raise ConfigError(
+                f"{path}.kind is missing; give the reader, one of {', '.join(READERS)}"
+            )
+        _check_choice(f"{path}.kind", self.kind, READERS)
+        if not self.name or not set(self.name) <= SOURCE_NAME_CHARS:
+            raise ConfigError(
+                f"{path}.name='{self.name}' must be a non-empty name of letters, digits, '_', "
+                "'.' or '-' (it keys the source's documents and eval sets)"
+            )
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ConfigError(
+                f"{path}.weight={self.weight} must be a finite number > 0 (its share of "
+                "document tokens); remove a source you do not want"
+            )
+        if self.mix:
+            _check_mix(f"{path}.mix", self.mix)
+        if self.follow_symlinks and self.kind not in SYMLINK_READERS:
+            raise ConfigError(
+                f"{path}.follow_symlinks=true has no effect with kind='{self.kind}' (it applies "
+                "to folder, text and webdataset); remove it"
+            )
+        if self.kind not in ("world", "digits") and not self.paths:
+            raise ConfigError(f"{path} (kind '{self.kind}') needs input files: set its paths")
+        if self.kind in ("world", "digits") and self.paths:
+            raise ConfigError(f"{path} (kind '{self.kind}') reads no files; remove its paths")
+        world_only = {"caption_register": self.caption_register, "max_objects": self.max_objects}
+        for key, value in world_only.items():
+            if value and self.kind != "world":
+                raise ConfigError(f"{path}.{key} applies to kind 'world' only; remove it")
+        if self.caption_register:
+            _check_choice(f"{path}.caption_register", self.caption_register, CAPTION_REGISTERS)
+        if self.max_objects:
+            check_max_objects(self.max_objects, f"{path}.max_objects")
+        for p in self.paths:
+            if "\x00" in p:
+                raise ConfigError(f"{path}.paths entry {p!r} holds a NUL character; fix the path")
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where batches come from and how they are packed (design.md §2, §6)."""
@@ -299,6 +363,18 @@ class DataConfig:
     max_objects: int = 3  # world scenes hold 1..max_objects objects (1..9)
     knowledge: KnowledgeConfig = dataclasses.field(default_factory=KnowledgeConfig)
     follow_symlinks: bool = False  # let symlinks inside a real-data directory point outside it
+    # several sources in one run (docs/data-sources.md); replaces data.source / data.paths
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+    decode_cache: bool = True  # keep resized real images under $MOESAIC_CACHE/decoded
+
+    @property
+    def world_only(self) -> bool:
+        """Whether the data is the built-in world alone (no real source anywhere)."""
+        return not self.sources and self.source == "world"
+
+    def source_list(self) -> list[SourceConfig]:
+        """`data.sources` with default names filled in (the reader's name)."""
+        return [dataclasses.replace(s, name=s.name or s.kind) for s in self.sources]
 
     @property
     def patch_dim(self) -> int:
@@ -323,9 +399,9 @@ class DataConfig:
                 f"{path}.understanding_noise={self.understanding_noise} must be in [0, 1]"
             )
         _check_positive(f"{path}.time_shift", self.time_shift)
-        _check_choice(
-            f"{path}.source", self.source, ("world", "folder", "text", "webdataset", "hf", "digits")
-        )
+        _check_choice(f"{path}.source", self.source, READERS)
+        if self.sources:
+            self._validate_sources(path)
         _check_choice(
             f"{path}.caption_register",
             self.caption_register,
@@ -346,11 +422,37 @@ class DataConfig:
             _check_mix(where, mix)
         check_max_objects(self.max_objects, f"{path}.max_objects")
         self.knowledge.validate(f"{path}.knowledge")
-        if self.knowledge.entities and self.source != "world":
+        has_world = any(s.kind == "world" for s in self.sources) or (
+            not self.sources and self.source == "world"
+        )
+        if self.knowledge.entities and not has_world:
             raise ConfigError(
                 f"{path}.knowledge.entities={self.knowledge.entities} needs the built-in world "
                 f"({path}.source='{self.source}'); set {path}.knowledge.entities=0"
             )
+
+    def _validate_sources(self, path: str) -> None:
+        """`data.sources` replaces `data.source`/`data.paths`: both given is a mistake."""
+        if self.source != "world" or self.paths:
+            given = f"{path}.source='{self.source}'" if self.source != "world" else f"{path}.paths"
+            raise ConfigError(
+                f"{given} and {path}.sources are both given; list every source in "
+                f"{path}.sources and drop {path}.source / {path}.paths"
+            )
+        if self.follow_symlinks:
+            raise ConfigError(
+                f"{path}.follow_symlinks=true with {path}.sources: set follow_symlinks on each "
+                "source that needs it"
+            )
+        seen: set[str] = set()
+        for i, src in enumerate(self.source_list()):
+            src.validate(f"{path}.sources[{i}]")
+            if src.name in seen:
+                raise ConfigError(
+                    f"{path}.sources[{i}].name='{src.name}' repeats an earlier source's name; "
+                    "give each source a distinct name"
+                )
+            seen.add(src.name)
 
 
 @dataclasses.dataclass
@@ -389,10 +491,15 @@ class EvalConfig:
     every: int = 100  # evaluate held-out losses every n steps (0 = only at the end)
     batches: int = 4  # held-out batches per evaluation
     seed: int = 1234  # fixes eval data, noise and flow times
+    # out-of-distribution text (.txt / .jsonl files or directories); [] = the world's generator
+    ood_text: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self, path: str = "eval") -> None:
         _check_positive(f"{path}.every", self.every, allow_zero=True)
         _check_positive(f"{path}.batches", self.batches)
+        for p in self.ood_text:
+            if not p or "\x00" in p:
+                raise ConfigError(f"{path}.ood_text entry {p!r} is not a path; fix it")
 
 
 @dataclasses.dataclass

@@ -177,16 +177,24 @@ def test_tar_shards(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(blob)
                 tar.addfile(info, io.BytesIO(blob))
-        info = tarfile.TarInfo("9999.txt")  # caption without an image
-        info.size = 3
-        tar.addfile(info, io.BytesIO(b"abc"))
-    cfg = _cfg("webdataset", [str(shard)])
-    with pytest.warns(DataWarning, match="no image"):
-        tok = load_tokenizer(cfg, tmp_path / "cache")
-        stream = build_stream(cfg, tok)
-    b = next(stream)
-    b.validate()
+        for i in range(9994, 10000):  # captions without an image
+            info = tarfile.TarInfo(f"{i}.txt")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    cfg = _cfg("webdataset", [str(shard)], "data.mix={image: 1}")
+    tok = load_tokenizer(cfg, tmp_path / "cache")
+    stream = build_stream(cfg, tok)
+    train = list(stream.source.samples())  # which samples are train depends on the path
+    bad = [key for _, key, members in train if ".png" not in members]
+    assert bad  # 6 of 30 samples without an image, 4 held out: some are in train
+    with pytest.warns(DataWarning, match="no image"):  # counted when the sample is drawn
+        while stream.counters["image"] < 2 * len(train):  # two epochs
+            b = next(stream)
+            b.validate()
     assert b.image_mask.any()
+    assert stream.skipped == {"missing_file": len(bad)}
+    assert set(stream.skipped_draws) == {"missing_file"}
+    assert stream.skipped_draws["missing_file"] >= 2 * len(bad)  # drawn every epoch
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn missing")
@@ -303,7 +311,7 @@ def test_webdataset_directory_skips_shards_outside(tmp_path):
     with pytest.warns(DataWarning, match="symlink out"):
         src = make_source(_cfg("webdataset", [str(root)]), "train")
     assert src.skipped == {"outside_root": 1}
-    assert {shard.name for shard, _, _ in src.items} == {"a.tar"}
+    assert {shard.name for shard in src.shards} == {"a.tar"}
 
 
 def test_follow_symlinks_option(tmp_path):
@@ -388,9 +396,11 @@ def test_webdataset_keys_follow_the_webdataset_rule(tmp_path):
     with tarfile.open(shard, "w") as tar:  # what `tar -cf x.tar -C dir .` writes
         tar.add(src_dir, arcname=".")
     cfg = _cfg("webdataset", [str(shard)])
-    every = [r for s in ("train", "val", "test") for r in make_source(cfg, s).items]
+    every = [r for s in ("train", "val", "test") for r in make_source(cfg, s).samples()]
     assert len(every) == N
-    assert all(m.name.startswith("./") and cap.startswith("shard image") for _, m, cap in every)
+    assert all(m[".png"].name.startswith("./") for _, _, m in every)
+    captions = [c for s in ("train", "val", "test") for c in make_source(cfg, s).texts()]
+    assert len(captions) == N and all(c.startswith("shard image") for c in captions)
 
 
 # ------------------------------------------------------------------ measured and noisy

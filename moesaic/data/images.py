@@ -80,6 +80,24 @@ def decode_image(
     with nearest-neighbour (inverts the nearest-neighbour upscaling of `sample --out`).
     Raises `ImageError` (one line) for anything that is not a usable image.
     """
+    pixels = decode_pixels(
+        source, size, channels, nearest_multiple=nearest_multiple, max_pixels=max_pixels
+    )
+    return scale_pixels(pixels)
+
+
+def decode_pixels(
+    source: Path | bytes | PILImage.Image,
+    size: int,
+    channels: int = 3,
+    *,
+    nearest_multiple: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """`decode_image` before the scaling to [-1, 1]: [size, size, channels] uint8 for 8-bit
+    images, float32 in [0, 1] for 16-bit and float grey. What the decode cache stores
+    (`decode_cache.py`): a quarter of the float bytes, and `scale_pixels` of it is
+    `decode_image`'s result bit for bit."""
     from PIL import Image
 
     Image.init()  # register every plugin, so that `formats` names only known ones
@@ -87,12 +105,12 @@ def decode_image(
         if isinstance(source, Image.Image):
             _check_pixels(source, max_pixels)
             source.load()
-            return to_array(source, size, channels, nearest_multiple=nearest_multiple)
+            return _pixels(source, size, channels, nearest_multiple)
         fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
         with Image.open(fp, formats=FORMATS) as im:
             _check_pixels(im, max_pixels)
             im.load()
-            return to_array(im, size, channels, nearest_multiple=nearest_multiple)
+            return _pixels(im, size, channels, nearest_multiple)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -109,6 +127,18 @@ def to_array(
     img: PILImage.Image, size: int, channels: int = 3, *, nearest_multiple: bool = False
 ) -> np.ndarray:
     """A decoded PIL image → [size, size, channels] float32 in [-1, 1] (module doc: the rule)."""
+    return scale_pixels(_pixels(img, size, channels, nearest_multiple))
+
+
+def scale_pixels(pixels_HWC: np.ndarray) -> np.ndarray:
+    """`decode_pixels`' output → float32 in [-1, 1]: 8 bits as v / 127.5 − 1, [0, 1] as 2v − 1."""
+    if pixels_HWC.dtype == np.uint8:
+        return np.clip(pixels_HWC.astype(np.float32) / 127.5 - 1.0, -1.0, 1.0)
+    return (pixels_HWC * 2.0 - 1.0).astype(np.float32)
+
+
+def _pixels(img: PILImage.Image, size: int, channels: int, nearest_multiple: bool) -> np.ndarray:
+    """Orientation, conversion, crop and resize: uint8 (8-bit) or float32 in [0, 1] (wide)."""
     from PIL import Image
 
     img = _oriented(img)
@@ -117,8 +147,7 @@ def to_array(
         img = img.resize((size, size), Image.Resampling.NEAREST)
     if img.mode in WIDE_GREY or img.mode == "F":
         grey_HW = _square(_unit_grey(img), size)
-        x_HWC = np.repeat(grey_HW[..., None], channels, axis=-1)
-        return (x_HWC * 2.0 - 1.0).astype(np.float32)
+        return np.repeat(grey_HW[..., None], channels, axis=-1).astype(np.float32)
     img = _eight_bit(img, channels)
     w, h = img.size
     s = min(w, h)
@@ -126,8 +155,7 @@ def to_array(
     img = img.crop((left, top, left + s, top + s))
     if s != size:
         img = img.resize((size, size), _filter(s, size))
-    x = np.asarray(img, dtype=np.float32).reshape(size, size, channels)
-    return np.clip(x / 127.5 - 1.0, -1.0, 1.0)
+    return np.asarray(img, dtype=np.uint8).reshape(size, size, channels)
 
 
 def _check_pixels(img: PILImage.Image, max_pixels: int) -> None:

@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from moesaic.config import DataConfig
-from moesaic.data.images import ImageError, decode_image
+from moesaic.data.decode_cache import DecodeCache
+from moesaic.data.images import ImageError, decode_image, decode_pixels, scale_pixels
 from moesaic.data.reading import BadEncoding, DataWarning, checked_text, printable, read_lines
 from moesaic.data.world.generators import Record
 from moesaic.errors import DataError
+from moesaic.files import cache_dir
 
 IMAGE_KINDS = ("caption_image", "image_caption", "image")
 WARN_PER_REASON = 5
@@ -50,30 +52,42 @@ class RecordSource:
 
     kinds: tuple[str, ...] = IMAGE_KINDS
 
-    def __init__(self, cfg: DataConfig, split: str):
-        self.cfg, self.split = cfg, split
-        self.skipped: Counter = Counter()
-        self.skipped_draws: Counter = Counter()
-        self.bad_records: dict[int, str] = {}  # index into items -> reason (counted once)
-        self._warned: Counter = Counter()
-        self.max_chars = cfg.seq_len * CHARS_PER_TOKEN
-        for p in cfg.paths:
-            if "\x00" in p:
-                raise DataError(f"data.paths entry {p!r} holds a NUL character; fix the path")
+    def __init__(self, cfg: DataConfig, split: str, label: str = ""):
+        self._setup(cfg, split, label)
         items = self.scan([Path(p) for p in cfg.paths])
         self.n_records = len(items)  # usable records of all splits
         if not items:
             raise DataError(
-                f"data.source='{cfg.source}' found no usable records in {cfg.paths}"
+                f"{self.label} found no usable records in {cfg.paths}"
                 + (f" (skipped: {dict(self.skipped)})" if self.skipped else "")
             )
         self.items = self._select(items, split)
         if not self.items:
             raise DataError(
-                f"data.source='{cfg.source}' has no '{split}' records ({len(items)} in all); "
-                "add more data"
+                f"{self.label} has no '{split}' records ({len(items)} in all); add more data"
             )
         self._perms: dict[int, np.ndarray] = {}
+
+    def _setup(self, cfg: DataConfig, split: str, label: str) -> None:
+        """What every reader holds: counts of skips, known-bad records, the decode cache."""
+        self.cfg, self.split = cfg, split
+        self.label = label or f"data.source='{cfg.source}'"  # how messages name the source
+        self.skipped: Counter = Counter()
+        self.skipped_draws: Counter = Counter()
+        self.bad_records: dict[int, str] = {}  # index into items -> reason (counted once)
+        self._warned: Counter = Counter()
+        self.max_chars = cfg.seq_len * CHARS_PER_TOKEN
+        self.decode_cache = (
+            DecodeCache(cache_dir(), cfg.image_size, cfg.channels) if cfg.decode_cache else None
+        )
+        for p in cfg.paths:
+            if "\x00" in p:
+                raise DataError(f"data.paths entry {p!r} holds a NUL character; fix the path")
+
+    @property
+    def split_records(self) -> int:
+        """Records of this split (bad ones not yet met included): what eval sets report."""
+        return len(self.items)
 
     # subclasses: scan(paths) -> list[(key, ref)]; load(ref) -> Record, raising Skip if bad
     def scan(self, paths: list[Path]) -> list[tuple[str, object]]:
@@ -94,14 +108,7 @@ class RecordSource:
 
     @staticmethod
     def _select(items: list[tuple[str, object]], split: str) -> list[object]:
-        def h(key: str) -> int:
-            return int.from_bytes(hashlib.sha256(key.encode(errors="replace")).digest()[:8], "big")
-
-        ordered = sorted(items, key=lambda kv: (h(kv[0]), kv[0]))
-        n = len(ordered)
-        k = max(1, round(VAL_FRACTION * n)) if n >= 3 else 0
-        parts = {"val": ordered[:k], "test": ordered[k : 2 * k], "train": ordered[2 * k :]}
-        return [ref for _, ref in parts[split]]
+        return [items[i][1] for i in split_positions([key for key, _ in items], split)]
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -124,7 +131,7 @@ class RecordSource:
         if len(self.bad_records) == len(self.items):
             raise DataError(
                 f"every one of the {len(self.items)} '{self.split}' records of "
-                f"data.source='{self.cfg.source}' is bad ({dict(self.skipped)}); fix the data"
+                f"{self.label} is bad ({dict(self.skipped)}); fix the data"
             )
         return None
 
@@ -152,8 +159,13 @@ class RecordSource:
         return ref[1]  # type: ignore[index]
 
     def _image(self, data: bytes | Path | object, where: str) -> np.ndarray:
+        """A record's image by the one decoding rule, through the decode cache when on."""
+        size, channels = self.cfg.image_size, self.cfg.channels
         try:
-            return decode_image(data, self.cfg.image_size, self.cfg.channels)  # type: ignore[arg-type]
+            if self.decode_cache is not None and isinstance(data, bytes | bytearray | Path):
+                pixels = self.decode_cache.pixels(data, lambda d: decode_pixels(d, size, channels))
+                return scale_pixels(pixels)
+            return decode_image(data, size, channels)  # type: ignore[arg-type]
         except ImageError as e:
             raise Skip(e.reason, f"{where} {e}") from None
 
@@ -176,6 +188,20 @@ class RecordSource:
     def _cap(self, text: str) -> str:
         """A caption or document: stripped, cut to `max_chars`; `BadEncoding` if unusable."""
         return checked_text(text.strip()[: self.max_chars].strip())
+
+
+def split_positions(keys: list[str], split: str) -> list[int]:
+    """Positions of the keys in `split`, by hash order of the keys: the first 5% (at least one
+    once there are three) are val, the next 5% test, the rest train; in hash order."""
+
+    def h(key: str) -> int:
+        return int.from_bytes(hashlib.sha256(key.encode(errors="replace")).digest()[:8], "big")
+
+    ordered = sorted(range(len(keys)), key=lambda i: (h(keys[i]), keys[i]))
+    n = len(ordered)
+    k = max(1, round(VAL_FRACTION * n)) if n >= 3 else 0
+    parts = {"val": ordered[:k], "test": ordered[k : 2 * k], "train": ordered[2 * k :]}
+    return parts[split]
 
 
 def json_field(text: str, *names: str) -> str:

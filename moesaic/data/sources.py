@@ -5,11 +5,11 @@
                 directory and must stay inside it
     text        `.txt` files (documents separated by blank lines) or `.jsonl` ({"text": ...}),
                 or directories searched recursively for them
-    webdataset  `.tar` shards: members sharing a key, an image (.png/.jpg/.jpeg/.webp/.bmp/
-                .gif/.tif/.tiff) and a caption (.txt, or .json with "caption"/"text"); read with
-                `tarfile`, so the `webdataset` package is not needed. Keys follow WebDataset: a
-                member's directory plus its file name up to the first dot (`./` prefixes, as
-                `tar -C dir .` writes them, are dropped); the rest is the extension
+    webdataset  `.tar` shards (files, directories, brace patterns): members sharing a key, an
+                image (.png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff) and a caption (.txt, or
+                .json with "caption"/"text"); streamed shard by shard with `tarfile`, each rank
+                its own shards (`moesaic.data.shards`), so the `webdataset` package is not
+                needed
     hf          Hugging Face datasets saved with `save_to_disk` (extra `datasets`): an image
                 column (`image`/`img`) and/or a text column (`caption`/`text`)
     digits      scikit-learn's bundled 8×8 handwritten digits (extra `sklearn`), captioned
@@ -49,8 +49,9 @@ few per reason):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-import tarfile
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -64,7 +65,6 @@ from moesaic.data.reading import (
     DataWarning,
     Line,
     contained,
-    decode_text,
     still_inside,
     walk_files,
 )
@@ -77,6 +77,7 @@ from moesaic.data.record_source import (
     Skip,
     json_field,
 )
+from moesaic.data.shards import ShardSource, sample_key
 from moesaic.data.world.generators import Record, WorldSource
 from moesaic.errors import DataError
 
@@ -85,13 +86,11 @@ __all__ = [
     "DataWarning",
     "RecordSource",
     "open_source",
+    "sample_key",
     "saw_images",
     "source_corpus",
     "to_array",
 ]
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_MEMBER_BYTES = 1 << 28  # a tar member larger than this is not read
 
 
 def source_kinds(cfg: DataConfig) -> tuple[str, ...]:
@@ -106,9 +105,22 @@ def source_kinds(cfg: DataConfig) -> tuple[str, ...]:
 
 
 def saw_images(cfg: DataConfig) -> bool:
-    """Whether a config's data mix draws images: an image kind of its source weighs > 0."""
-    kinds = set(source_kinds(cfg)) & {"caption_image", "image_caption", "vqa", "image"}
-    return any(w > 0 for k, w in cfg.mix.items() if k in kinds)
+    """Whether a config's data draws images: an image kind of a source weighs > 0 in its mix
+    (each `data.parts` entry counts as a mix; a source's own mix sets its shares)."""
+    from moesaic.data.mixing import member_config
+
+    image = {"caption_image", "image_caption", "vqa", "image"}
+    mixes = cfg.parts or [cfg.mix]
+    if not cfg.sources:
+        kinds = set(source_kinds(cfg)) & image
+        return any(w > 0 for mix in mixes for k, w in mix.items() if k in kinds)
+    for src in cfg.source_list():
+        provided = set(source_kinds(member_config(cfg, src)))
+        for mix in mixes:
+            allowed = {k for k, w in mix.items() if w > 0 and k in provided}
+            if any(w > 0 and k in allowed & image for k, w in (src.mix or mix).items()):
+                return True
+    return False
 
 
 class FolderSource(RecordSource):
@@ -282,99 +294,6 @@ def _with_end(lines: Iterable[Line]) -> Iterator[Line | None]:
     yield None
 
 
-def sample_key(name: str) -> tuple[str, str] | None:
-    """(key, extension) of a tar member by the WebDataset rule, or None if it has no key."""
-    while name.startswith("./"):
-        name = name[2:]
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not stem or not dot:
-        return None
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-class TarSource(RecordSource):
-    """WebDataset-style shards, read with `tarfile` (members are never extracted to disk)."""
-
-    def scan(self, paths: list[Path]) -> list[tuple[str, object]]:
-        shards = []
-        for p in paths:
-            if p.is_dir():
-                root = p.resolve()
-                for shard in sorted(p.glob("*.tar")):
-                    if contained(root, shard.name, self.cfg.follow_symlinks) is None:
-                        self.bad("outside_root", f"{shard} (a symlink out of '{p}')")
-                    else:
-                        shards.append(shard)
-            elif p.is_file():
-                shards.append(p)
-            else:
-                self.bad("missing_file", str(p))
-        self._tars: dict[Path, tarfile.TarFile] = {}
-        items = []
-        for shard in shards:
-            try:
-                tar = tarfile.open(shard)  # noqa: SIM115 (kept open to read images lazily)
-                members = tar.getmembers()
-            except Exception:  # tarfile and its decompressors raise many types for bad data
-                self.bad("bad_shard", str(shard))
-                continue
-            self._tars[shard] = tar
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for m in members:
-                split = sample_key(m.name) if m.isfile() else None
-                if split is not None:
-                    groups.setdefault(split[0], {})["." + split[1]] = m
-            for key, g in sorted(groups.items()):
-                where = f"{shard}:{key}"
-                image = next((g[e] for e in IMAGE_EXTS if e in g), None)
-                caption = self._caption(tar, g, where)
-                if image is None:
-                    self.bad("missing_file", f"{where} (no image)")
-                elif caption is None:
-                    continue
-                elif not caption:
-                    self.bad("empty_caption", where)
-                elif image.size > MAX_MEMBER_BYTES:
-                    self.bad("too_large", f"{where} ({image.size:,} bytes)")
-                else:
-                    items.append((where, (shard, image, caption)))
-        return items
-
-    def _caption(self, tar: tarfile.TarFile, g: dict, where: str) -> str | None:
-        member = g.get(".txt") or g.get(".json")
-        if member is None:
-            self.bad("empty_caption", f"{where} (no caption)")
-            return None
-        if member.size > MAX_LINE_CHARS:
-            self.bad("too_long", f"{where} ({member.size:,} bytes of caption)")
-            return None
-        try:
-            raw = decode_text(tar.extractfile(member).read())  # type: ignore[union-attr]
-            if member.name.endswith(".json"):
-                return self._cap(json_field(raw, "caption", "text"))
-            return self._cap(raw)
-        except BadEncoding:
-            self.bad("bad_encoding", where)
-        except JSON_ERRORS:
-            self.bad("malformed_line", where)
-        except Exception:  # a shard truncated inside this member
-            self.bad("bad_shard", where)
-        return None
-
-    def text_of(self, ref: object) -> str:
-        return ref[2]  # type: ignore[index]
-
-    def load(self, ref: object) -> Record:
-        shard, member, caption = ref  # type: ignore[misc]
-        where = f"{shard}:{member.name}"
-        try:
-            data = self._tars[shard].extractfile(member).read()  # type: ignore[union-attr]
-        except Exception:  # a truncated or damaged shard
-            raise Skip("bad_image", f"{where} (the shard cannot be read here)") from None
-        return Record(text=caption, images=(self._image(data, where),))
-
-
 class HFSource(RecordSource):
     """A dataset saved with `datasets.Dataset.save_to_disk` (first path)."""
 
@@ -466,17 +385,50 @@ class DigitsSource(RecordSource):
         return Record(text=caption, images=(to_array(pil, self.cfg.image_size, self.cfg.channels),))
 
 
+class OodTextSource(TextSource):
+    """The text files of `eval.ood_text`: every record (no split), drawn as `ood_text`."""
+
+    kinds = ("ood_text",)
+
+    @staticmethod
+    def _select(items: list[tuple[str, object]], split: str) -> list[object]:
+        return [ref for _, ref in sorted(items)]
+
+
+def open_ood_text(cfg: DataConfig, paths: list[str]) -> OodTextSource:
+    """The user's out-of-distribution text set; a path that cannot be read stops the run."""
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise DataError(
+                f"eval.ood_text path '{p}' does not exist; give .txt / .jsonl files or "
+                "directories holding them"
+            )
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise DataError(f"eval.ood_text path '{p}' cannot be read; fix its permissions")
+    ood = dataclasses.replace(
+        cfg, source="text", paths=list(paths), follow_symlinks=False, sources=[]
+    )
+    return OodTextSource(ood, "val", label="eval.ood_text")
+
+
 SOURCES = {
     "folder": FolderSource,
     "text": TextSource,
-    "webdataset": TarSource,
+    "webdataset": ShardSource,
     "hf": HFSource,
     "digits": DigitsSource,
 }
 
 
-def open_source(cfg: DataConfig, split: str) -> RecordSource:
-    return SOURCES[cfg.source](cfg, split)
+def open_source(
+    cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, label: str = ""
+) -> RecordSource:
+    """The reader of `data.source` for one split (`label`: how messages name it; `rank` of
+    `world_size`: which WebDataset shards this process reads)."""
+    if cfg.source == "webdataset":
+        return ShardSource(cfg, split, label=label, rank=rank, world_size=world_size)
+    return SOURCES[cfg.source](cfg, split, label=label)
 
 
 def source_corpus(cfg: DataConfig) -> list[str]:

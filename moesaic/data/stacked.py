@@ -41,6 +41,15 @@ class StackedStream:
         return dict(total)
 
     @property
+    def produced_by_source(self) -> dict[str, dict[str, int]]:
+        """Document tokens per source and kind over all parts ({} with `data.source`)."""
+        total: dict[str, Counter] = {}
+        for p in self.parts:
+            for name, by_kind in p.produced_by_source.items():
+                total.setdefault(name, Counter()).update(by_kind)
+        return {name: dict(c) for name, c in total.items()}
+
+    @property
     def rows(self) -> int:
         return sum(p.rows for p in self.parts)
 

@@ -20,6 +20,9 @@ Special tokens (added to every tokenizer, ids fixed at 0..4 for trained ones):
   knowledge keeps its tokenizer unchanged. The result is cached at
   `cache_dir/tokenizers/<hash>/tokenizer.json` (written atomically), the hash covering
   everything that determines it (corpus version, source, paths, seed, vocab size).
+- with `data.sources`: train on the union of every source's training text, in the order the
+  sources are listed (the world's corpus once, however many world sources there are); the
+  cache key lists every source's reader and paths.
 """
 
 from __future__ import annotations
@@ -145,10 +148,9 @@ def world_corpus(seed: int, knowledge: bool = False) -> Iterator[str]:
             yield "".join(t for t, _ in kb.biography(person, len(kb.ATTRIBUTES), rng, "train"))
 
 
-def tokenizer_key(cfg: DataConfig) -> dict:
-    """What determines a trained tokenizer (hashed into its cache directory)."""
-    key = {"corpus": CORPUS_VERSION, "source": cfg.source, "seed": cfg.seed}
-    key["vocab_size"] = cfg.vocab_size
+def _source_key(cfg: DataConfig) -> dict:
+    """The part of the key one source (`data.source`, `data.paths`) contributes."""
+    key: dict = {"source": cfg.source}
     if cfg.source == "world" and cfg.knowledge.entities:
         key["knowledge"] = KNOWLEDGE_CORPUS_VERSION
     if cfg.source != "world":
@@ -160,6 +162,39 @@ def tokenizer_key(cfg: DataConfig) -> dict:
             )
         key["paths"] = stats
     return key
+
+
+def _members(cfg: DataConfig) -> list[DataConfig]:
+    from moesaic.data.mixing import member_config
+
+    return [member_config(cfg, s) for s in cfg.source_list()]
+
+
+def tokenizer_key(cfg: DataConfig) -> dict:
+    """What determines a trained tokenizer (hashed into its cache directory)."""
+    key = {"corpus": CORPUS_VERSION, "seed": cfg.seed, "vocab_size": cfg.vocab_size}
+    if cfg.sources:
+        return key | {"sources": [_source_key(m) for m in _members(cfg)]}
+    return key | _source_key(cfg)
+
+
+def training_corpus(cfg: DataConfig) -> list[str]:
+    """The tokenizer's training text: the source's, or the union of every source's."""
+    if cfg.sources:
+        corpus: list[str] = []
+        world_done = False
+        for member in _members(cfg):
+            if member.source == "world":
+                if world_done:
+                    continue
+                world_done = True
+            corpus += training_corpus(member)
+        return corpus
+    if cfg.source == "world":
+        return list(world_corpus(cfg.seed, knowledge=cfg.knowledge.entities > 0))
+    from moesaic.data.sources import source_corpus
+
+    return source_corpus(cfg)
 
 
 def load_tokenizer(cfg: DataConfig, cache_dir: str | Path) -> Tokenizer:
@@ -174,13 +209,7 @@ def load_tokenizer(cfg: DataConfig, cache_dir: str | Path) -> Tokenizer:
             return Tokenizer(HFTokenizer.from_file(str(path)))
         except Exception:
             pass  # a damaged cache entry is rebuilt below
-    if cfg.source == "world":
-        corpus = list(world_corpus(cfg.seed, knowledge=cfg.knowledge.entities > 0))
-    else:
-        from moesaic.data.sources import source_corpus
-
-        corpus = source_corpus(cfg)
-    tok = train_tokenizer(corpus, cfg.vocab_size)
+    tok = train_tokenizer(training_corpus(cfg), cfg.vocab_size)
     tok.save(path)
     atomic_write(path.parent / "key.json", json.dumps(key, indent=1))
     return tok

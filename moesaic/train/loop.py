@@ -99,7 +99,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         rank, world_size = self.world.rank, self.world.world_size
         self.stream = build_stream(cfg.data, self.tokenizer, "train", rank, world_size)
-        self.eval_sets = build_eval_sets(cfg.data, self.tokenizer, cfg.eval.seed, cfg.eval.batches)
+        self.eval_sets = build_eval_sets(
+            cfg.data, self.tokenizer, cfg.eval.seed, cfg.eval.batches, ood_text=cfg.eval.ood_text
+        )
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
 
         self.step = 0  # completed optimizer steps (skipped ones included)
@@ -490,11 +492,16 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "data_skipped": dict(self.stream.skipped),
             "data_produced": self._produced(),
+            "data_produced_by_source": {
+                name: self._produced(by_kind)
+                for name, by_kind in self.stream.produced_by_source.items()
+            },
+            "eval_sources": self.eval_sets.sources,
         }
 
-    def _produced(self) -> dict[str, int]:
+    def _produced(self, produced: dict[str, int] | None = None) -> dict[str, int]:
         """Document tokens drawn per kind (padding excluded), summed over ranks."""
-        produced = dict(self.stream.produced)
+        produced = dict(self.stream.produced if produced is None else produced)
         if self.world.distributed:
             total: dict[str, int] = {}
             for part in distributed.all_gather_object(produced):

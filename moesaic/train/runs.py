@@ -43,7 +43,10 @@ class LoadedRun:
 
     def eval_sets(self, n_batches: int | None = None) -> dict[str, list[Batch]]:
         n = n_batches or self.cfg.eval.batches
-        return build_eval_sets(self.cfg.data, self.tokenizer, self.cfg.eval.seed, n)
+        cfg = self.cfg
+        return build_eval_sets(
+            cfg.data, self.tokenizer, cfg.eval.seed, n, ood_text=cfg.eval.ood_text
+        )
 
     def eval_losses(self, n_batches: int | None = None) -> dict[str, float]:
         factory = autocast_factory(self.cfg.train, self.device)
