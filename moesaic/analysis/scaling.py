@@ -13,11 +13,12 @@ False` — the optimum is then not bracketed by the grid and the exponent is not
 
 Bootstrap (`bootstrap_isoflop`): every resample redraws the seeds and the fit points'
 residuals and refits everything; intervals are percentiles of the resampled exponents. All
-fits of all resamples run as batched least squares. Resampling the fit points themselves
-(cases) instead of their residuals was 4–6× wider in simulated studies and covered the true
-exponent in every one of them; the residual form covered it in 87–97 % at 95 % nominal.
+fits of all resamples run as batched least squares. The fit points' residuals are resampled
+rather than the points themselves (a fixed design: the sizes are chosen, not sampled); in
+simulated studies resampling the points gave intervals several times wider that covered more
+often than nominal (docs/study-isoflop.md has the coverage of this form).
 
-Shapes: B budgets, I sizes per budget, S seeds, R resamples, G groups.
+Shapes: B budgets, I sizes per budget, S seeds, R resamples.
 """
 
 from __future__ import annotations
