@@ -178,6 +178,42 @@ def series_with_intervals(
     return fig
 
 
+def curves_with_intervals(
+    series: Mapping[str, tuple[Sequence[float], Sequence[Mapping[str, Any]]]],
+    xlabel: str,
+    ylabel: str,
+    fits: Mapping[str, Mapping[str, Any]] | None = None,
+    logx: bool = False,
+) -> Figure:
+    """One line per key through Stats at its own x positions, with 95 % interval bars and no
+    zero line (for losses). `series[name] = (x, stats)`. `fits[name]`, when given, is a
+    `ParabolaFit.to_dict()`: its parabola is drawn dashed over the series' x range and the
+    bootstrap interval of its lowest point shaded."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (name, (x, stats)) in enumerate(series.items()):
+        means, err = _ci_errors(stats)
+        color = _arm_color(i)
+        ax.errorbar(
+            np.asarray(x, dtype=float), means, yerr=err, marker="o", ms=4, capsize=3,
+            label=name, color=color,
+        )  # fmt: skip
+        fit = (fits or {}).get(name) or {}
+        coef = [as_float(c) for c in fit.get("coef") or ()]
+        if len(coef) == 3 and all(math.isfinite(c) for c in coef) and len(x):
+            xs = np.linspace(min(x), max(x), 100)
+            ax.plot(xs, np.polyval(coef, xs), ls="--", lw=1, color=color)
+            low, high = (as_float(v) for v in fit.get("argmin_ci95") or (None, None))
+            if math.isfinite(low) and math.isfinite(high):
+                ax.axvspan(low, high, color=color, alpha=0.12)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def specialization_heatmap(layers: Sequence[int], s_LE: np.ndarray, title: str) -> Figure:
     """Layer × expert coloured by S_i (red = text, blue = image, grey = unused)."""
     s = np.ma.masked_invalid(np.asarray(s_LE, dtype=float))
