@@ -46,6 +46,7 @@ EXPERIMENTS = {
     "tax": "moesaic.experiments.compete",
     "capacity": "moesaic.experiments.capacity",
     "memory-allocation": "moesaic.experiments.allocation",
+    "depth-width": "moesaic.experiments.depth",
 }
 
 
