@@ -447,7 +447,11 @@ def summarize_allocation(
         "rhos": list(study.rhos),
         "sparse_params": study.sparse_params(),
         "expert_unit_params": expert_unit_params(study.arm_model()),
-        "memory_layout": dataclasses.asdict(study.arm_model().memory),
+        "memory_layout": {
+            k: v
+            for k, v in dataclasses.asdict(study.arm_model().memory).items()
+            if k != "table_rows"
+        },
         "tolerance": {"total": study.total_tolerance, "active": study.active_tolerance},
         "splits": splits,
         "curves": curves,

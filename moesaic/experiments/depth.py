@@ -105,7 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "description": "CPU-sized depth sweep at ≈ 206k non-embedding parameters: dense and "
         "MoE (16 experts of width D, top-4), text-only and image-only runs",
     },
-    # One GPU (documented, not run here): the `small` preset's data and non-embedding size.
+    # One GPU (documented, not run here): the `small` preset's data, ≈ 95M non-embedding.
     "paper": {
         "name": "depth-paper",
         "base": "small",
@@ -116,16 +116,16 @@ PRESETS: dict[str, dict[str, Any]] = {
             "logging.progress=plain",
         ],
         "depths": [2, 4, 8, 12, 16, 24],
-        "params": 85_000_000,
+        "params": 95_250_000,
         "head_dim": 64,
-        "width_step": 32,
-        "tolerance": 0.03,
+        "width_step": 16,
+        "tolerance": 0.02,
         "seeds": 3,
         "steps": 5000,
         "experts": 64,
         "granularity": 4,
-        "description": "GPU scale: ≈ 85M non-embedding parameters (the small preset's), dense "
-        "and MoE (64 experts of width D, top-4)",
+        "description": "GPU scale: ≈ 95M non-embedding parameters (the small preset's data; "
+        "its 12 × 768 model has 113M), dense and MoE (64 experts of width D, top-4)",
     },
 }
 
