@@ -477,7 +477,7 @@ class Allocation(Compete):
                 arm, variant, seed = (spec.tag(k) for k in ("arm", "variant", "seed"))
                 name = run_name(arm, variant, rho_tag(rho), f"s{seed}")
                 tags = (*spec.tags, ("rho", rho))
-                overrides = (*study.rho_overrides(rho), *spec.overrides)
+                overrides = (*spec.overrides, *study.rho_overrides(rho))
                 specs.append(RunSpec(name, overrides, tags))
         return specs
 
