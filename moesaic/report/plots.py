@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from moesaic.jsonsafe import as_float  # noqa: E402
 
@@ -205,8 +205,11 @@ def curves_with_intervals(
             low, high = (as_float(v) for v in fit.get("argmin_ci95") or (None, None))
             if math.isfinite(low) and math.isfinite(high):
                 ax.axvspan(low, high, color=color, alpha=0.12)
-    if logx:
+    if logx:  # ticks at the data's x, written plainly (2, 4, 8, 16)
         ax.set_xscale("log")
+        ticks = sorted({float(v) for _, (x, _) in series.items() for v in x})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.legend(fontsize=8)
