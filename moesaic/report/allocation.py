@@ -66,8 +66,10 @@ SPLIT_HEADER = [
 def curve_sentence(label: str, cell: Mapping[str, Any]) -> str:
     """One line: best ρ, its paired difference to ρ = 1, the parabola's minimum, the verdict."""
     best = cell["best_rho"]
+    if best is None:
+        return f"{label}: no finite loss."
     realized = {p["rho"]: p["realized_rho"] for p in cell["points"]}
-    parts = [f"{label}: best ρ {best:g}" + (f" (realized {realized[best]:.3f})" if best else "")]
+    parts = [f"{label}: best ρ {best:g} (realized {realized[best]:.3f})"]
     diff = cell["vs_pure"].get(f"{best:g}") if best not in (None, 1.0) else None
     if diff:
         parts.append(
