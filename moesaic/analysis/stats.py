@@ -17,6 +17,8 @@ thing everywhere:
   (the decision: "differs" when below 0.05) and, separately, the sign-flip tests (a check
   without the normality assumption; with m metrics its smallest value is m·2/2^n, so it can
   only fall below 0.05 from about 8 seeds on).
+* `parabola_fit(x, values)`: a least-squares parabola through a curve's seed means, the x where
+  it is lowest on the studied range, and a bootstrap over seeds of that x.
 """
 
 from __future__ import annotations
@@ -172,6 +174,90 @@ def paired(a: Sequence[float | None], b: Sequence[float | None]) -> Paired:
     finite = [x for x in diffs if math.isfinite(x)]
     flip = sign_flip_p(finite) if len(finite) >= SIGN_FLIP_MIN_N else None
     return Paired(stat, t_test_p(finite), flip)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParabolaFit:
+    """A parabola a·x² + b·x + c through a curve's seed means, and where it is lowest.
+
+    `vertex` is −b/(2a) (NaN unless a > 0); `argmin` the x of the lowest fitted value on the
+    studied range [min x, max x] (the vertex when it lies inside, else an end). The bootstrap
+    resamples whole seeds (keeping each seed's values together, since curves are paired by
+    seed), refits, and gives the 2.5 / 97.5 percentiles of `argmin`, the share of resamples
+    whose parabola is convex, and the share whose vertex lies strictly inside the range.
+    """
+
+    coef: tuple[float, float, float]
+    vertex: float
+    argmin: float
+    boot_low: float
+    boot_high: float
+    boot_convex: float
+    boot_inside: float
+    n_boot: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "coef": [_json(c) for c in self.coef],
+            "vertex": _json(self.vertex),
+            "argmin": _json(self.argmin),
+            "argmin_ci95": [_json(self.boot_low), _json(self.boot_high)],
+            "boot_convex": _json(self.boot_convex),
+            "boot_inside": _json(self.boot_inside),
+            "n_boot": self.n_boot,
+        }
+
+
+def _parabola(x: Sequence[float], y: Sequence[float]) -> tuple[tuple[float, float, float], float]:
+    """(a, b, c) of the least-squares parabola and its argmin on [min x, max x]."""
+    import numpy as np
+
+    a, b, c = (float(v) for v in np.polyfit(np.asarray(x), np.asarray(y), 2))
+    lo, hi = min(x), max(x)
+    ends = [lo, hi] + ([-b / (2 * a)] if a > 0 and lo < -b / (2 * a) < hi else [])
+    return (a, b, c), min(ends, key=lambda v: a * v * v + b * v + c)
+
+
+def parabola_fit(
+    x: Sequence[float], values_SX: Sequence[Sequence[float | None]], n_boot: int = 2000, seed=0
+) -> ParabolaFit:
+    """Fit a parabola to the seed means of a curve and bootstrap its minimum over seeds.
+
+    values_SX[s][i] is seed s's value at x[i] (None or NaN: missing). Needs at least three
+    distinct x; with fewer than two seeds the bootstrap interval is NaN. The resampling is
+    seeded, so the result is deterministic.
+    """
+    import numpy as np
+
+    if len(set(x)) < 3:
+        raise ValueError(f"a parabola needs at least 3 distinct x, got {list(x)}")
+    v_SX = np.array([[np.nan if v is None else float(v) for v in row] for row in values_SX])
+    ok = ~np.isnan(v_SX).all(axis=0)
+    xs = [float(xi) for xi, keep in zip(x, ok, strict=True) if keep]
+    if len(set(xs)) < 3:
+        nan = float("nan")
+        return ParabolaFit((nan, nan, nan), nan, nan, nan, nan, nan, nan, 0)
+    coef, argmin = _parabola(xs, np.nanmean(v_SX[:, ok], axis=0))
+    a, b, _ = coef
+    vertex = -b / (2 * a) if a > 0 else float("nan")
+    n = v_SX.shape[0]
+    minima, convex, inside = [], 0, 0
+    if n >= 2:
+        rng = np.random.default_rng(seed)
+        lo, hi = min(xs), max(xs)
+        for _ in range(n_boot):
+            sample = v_SX[rng.integers(0, n, n)][:, ok]
+            if np.isnan(sample).all(axis=0).any():
+                continue
+            (ab, bb, _), m = _parabola(xs, np.nanmean(sample, axis=0))
+            minima.append(m)
+            convex += ab > 0
+            inside += ab > 0 and lo < -bb / (2 * ab) < hi
+    if not minima:
+        return ParabolaFit(coef, vertex, argmin, *(4 * [float("nan")]), 0)
+    low, high = (float(q) for q in np.percentile(minima, [2.5, 97.5]))
+    k = len(minima)
+    return ParabolaFit(coef, vertex, argmin, low, high, convex / k, inside / k, k)
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

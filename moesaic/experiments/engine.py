@@ -46,6 +46,8 @@ EXPERIMENTS = {
     "tax": "moesaic.experiments.compete",
     "capacity": "moesaic.experiments.capacity",
     "isoflop": "moesaic.experiments.isoflop",
+    "memory-allocation": "moesaic.experiments.allocation",
+    "depth-width": "moesaic.experiments.depth",
 }
 
 

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from moesaic.jsonsafe import as_float  # noqa: E402
 
@@ -171,6 +171,45 @@ def series_with_intervals(
     ax.axhline(0.0, color="black", lw=0.8)
     if logx:
         ax.set_xscale("log")
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def curves_with_intervals(
+    series: Mapping[str, tuple[Sequence[float], Sequence[Mapping[str, Any]]]],
+    xlabel: str,
+    ylabel: str,
+    fits: Mapping[str, Mapping[str, Any]] | None = None,
+    logx: bool = False,
+) -> Figure:
+    """One line per key through Stats at its own x positions, with 95 % interval bars and no
+    zero line (for losses). `series[name] = (x, stats)`. `fits[name]`, when given, is a
+    `ParabolaFit.to_dict()`: its parabola is drawn dashed over the series' x range and the
+    bootstrap interval of its lowest point shaded."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (name, (x, stats)) in enumerate(series.items()):
+        means, err = _ci_errors(stats)
+        color = _arm_color(i)
+        ax.errorbar(
+            np.asarray(x, dtype=float), means, yerr=err, marker="o", ms=4, capsize=3,
+            label=name, color=color,
+        )  # fmt: skip
+        fit = (fits or {}).get(name) or {}
+        coef = [as_float(c) for c in fit.get("coef") or ()]
+        if len(coef) == 3 and all(math.isfinite(c) for c in coef) and len(x):
+            xs = np.linspace(min(x), max(x), 100)
+            ax.plot(xs, np.polyval(coef, xs), ls="--", lw=1, color=color)
+            low, high = (as_float(v) for v in fit.get("argmin_ci95") or (None, None))
+            if math.isfinite(low) and math.isfinite(high):
+                ax.axvspan(low, high, color=color, alpha=0.12)
+    if logx:  # ticks at the data's x, written plainly (2, 4, 8, 16)
+        ax.set_xscale("log")
+        ticks = sorted({float(v) for _, (x, _) in series.items() for v in x})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.legend(fontsize=8)
