@@ -43,6 +43,8 @@ from moesaic.errors import ConfigError, DataError
 LOOKAHEAD = 4
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 KIND_IDS = {"text": 0, "caption_image": 1, "image_caption": 2, "vqa": 3, "image": 4, "ood_text": 5}
+# Caption-only document g is drawn from image_caption document g's seed: the same caption.
+KIND_IDS["caption"] = KIND_IDS["image_caption"]
 IMAGE_KINDS = ("caption_image", "image_caption", "vqa", "image")
 STATE_VERSION = 1
 
@@ -108,7 +110,7 @@ class DocFactory:
         if rec is None:
             return None
         key, opts, L = (kind, g), self.opts, self.cfg.seq_len
-        if kind in ("text", "ood_text"):
+        if kind in ("text", "ood_text", "caption"):
             return assemble(kind, [("text", self.tok.encode(rec.text), True)], self.ids, key, L)
         patches = patchify(rec.images[0], self.cfg.patch_size)
         noise = self._noise(s, patches.shape)
