@@ -309,7 +309,7 @@ def embedding_distance(run_dir: Path, registers: list[str], n_batches: int) -> d
     from moesaic.data.packing import DocOptions
     from moesaic.train.runs import load_run
 
-    run = load_run(run_dir, "cpu")
+    run = load_run(run_dir, "auto")
     cfg, tok = run.cfg, run.tokenizer
     opts = DocOptions(caption_loss=True, caption_dropout=0.0, salt=DISTANCE_SALT)
 
