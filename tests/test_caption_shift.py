@@ -429,6 +429,17 @@ def test_summary_numbers_are_recomputed_from_the_runs(smoke):
     assert html.count("<img") >= 5 and "Verdicts" in html
 
 
+def test_planned_flops_are_what_the_runs_trained(smoke):
+    from moesaic.experiments.caption_shift import planned_flops
+
+    planned = planned_flops(study("study.seeds=2"))
+    summary = json.loads((smoke / "summary.json").read_text())
+    for arm in ("dense", "moe"):
+        trained = sum(_run(smoke, name)["train_flops"] for name in summary["arms"][arm]["runs"])
+        assert planned[arm] == pytest.approx(trained, rel=1e-3)
+        assert summary["arms"][arm]["train_flops"] == pytest.approx(trained)
+
+
 def test_rerun_reuses_every_run(smoke, capsys):
     before = (smoke / "summary.json").read_text()
     capsys.readouterr()

@@ -154,14 +154,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base": "small",
         "overrides": ["model.ffn.z_loss=1e-4", "eval.every=0", "logging.progress=plain"],
         "arms": ["dense", "moe"],
-        "registers": ["terse", "plain", "natural", "mixed"],
+        "registers": ["terse", "plain", "natural"],
         "conditions": ["image", "caption", "image_caption", "caption_image"],
         "seeds": 5,
         "steps": 5000,
         "experts": 64,
         "granularity": 4,
         "distance_batches": 16,
-        "description": "GPU scale: small preset, 64 experts of width F/4, 4 registers, 5 seeds",
+        "description": "GPU scale: small preset, 64 experts of width F/4, every condition, 5 seeds",
     },
 }
 
@@ -257,6 +257,26 @@ def check_source(study: CaptionShiftConfig) -> None:
             "image–caption data from different sources in one run, which needs multi-source "
             "runs (not available yet); use data.source=world"
         )
+
+
+def planned_flops(study: CaptionShiftConfig) -> dict[str, float]:
+    """Training FLOPs of every planned run (6·N_matmul + attention per token, `moesaic info`)
+    times the positions it trains on (steps × rows × seq_len, both parts of a stacked batch):
+    {"total", per arm, "tokens"}. Needs no tokenizer and trains nothing."""
+    from moesaic.commands.info import describe
+    from moesaic.experiments.engine import run_config
+
+    out: dict[str, float] = {"total": 0.0, "tokens": 0.0}
+    for spec in EXPERIMENT.plan(study, Path("."), lambda _: None):
+        cfg = run_config(study, spec, Path("."))
+        rows = cfg.data.batch_size * max(1, len(cfg.data.parts))
+        tokens = float(cfg.train.steps * cfg.train.grad_accum * rows * cfg.data.seq_len)
+        flops = describe(cfg)["flops_per_token"] * tokens
+        arm = spec.tag("arm")
+        out[arm] = out.get(arm, 0.0) + flops
+        out["total"] += flops
+        out["tokens"] += tokens
+    return out
 
 
 # ----------------------------------------------------------------------------- caption shift
