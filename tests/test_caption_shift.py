@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from render_check import check_rendering, find_chromium
 from scipy import stats as sps
 
 from moesaic.analysis.stats import Stat, paired
@@ -427,6 +428,13 @@ def test_summary_numbers_are_recomputed_from_the_runs(smoke):
     assert ("words", "moe", "text/text") in keys and ("shift", "dense", "text/text") in keys
     html = (smoke / "report.html").read_text()
     assert html.count("<img") >= 5 and "Verdicts" in html
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed")
+def test_smoke_report_renders(smoke):
+    result = check_rendering(smoke / "report.html")
+    assert result.ok, result
+    assert result.images >= 5
 
 
 def test_planned_flops_are_what_the_runs_trained(smoke):
