@@ -423,6 +423,16 @@ def test_summary_numbers_are_recomputed_from_the_runs(smoke):
     ic = [sum(per_seed[("dense", "image_caption", r, "text/text")][i] for r in regs) / len(regs)
           for i in (0, 1)]  # fmt: skip
     assert words["values"] == pytest.approx([a - b for a, b in zip(dense, ic, strict=True)])
+    share = {c: {r: summary["dose"][c][r]["caption_share"] for r in regs}
+             for c in ("caption", "image_caption")}  # fmt: skip
+    scaled = [
+        sum(per_seed[("dense", c, r, "text/text")][i] / share[c][r] for r in regs) / len(regs)
+        for c in ("caption", "image_caption")
+        for i in (0, 1)
+    ]
+    got = summary["comparisons"]["words_vs_pixels_per_share"]["dense"]["text/text"]["values"]
+    assert got == pytest.approx([scaled[0] - scaled[2], scaled[1] - scaled[3]])
+    assert 0 < share["image_caption"]["terse"] < share["caption"]["terse"] < 1
     keys = {(v["key"], v["arm"], v["metric"]) for v in summary["verdicts"]}
     assert ("vision", "dense", "text/text") in keys and ("moe", "moe", "ood_text/text") in keys
     assert ("words", "moe", "text/text") in keys and ("shift", "dense", "text/text") in keys

@@ -14,7 +14,8 @@ Sections this adds to summary.json (schema `moesaic-study/1`, experiment "captio
     regression  {arm: {condition: {metric: {shift key: Fit}}}}   tax (%) on shift
     comparisons {words_vs_pixels {arm: {metric: {per_register {r: Paired}, pooled: Paired}}},
                  arm_vs_base {arm: {condition: {metric: {per_register, pooled}}}},
-                 captions_vs_vision {arm: {condition: {metric: Paired}}}}
+                 captions_vs_vision {arm: {condition: {metric: Paired}}},
+                 words_vs_pixels_per_share {arm: {metric: Paired}}}  tax / caption share
     dose        {condition: {register | "-": {text_targets, other_targets, caption_share}}}
     fairness    {equal_steps, equal_text_tokens, runs {arm: {seed: {run: {step, text_tokens}}}}}
     noise       {metric: {eval_se_tax, seed_sd_tax, ratio}}
@@ -307,7 +308,9 @@ def summarize(study: CaptionShiftConfig, results: list[RunResult], log: Callable
                     fits[key] = fit_line(points)
                 regression[arm][cond][m.key] = fits
 
+    dose = _dose(study)
     comparisons = _comparisons(study, per_seed_tax, pooled_values)
+    comparisons["words_vs_pixels_per_share"] = _per_share(study, per_seed_tax, dose)
     arms = _arms(study, results, by)
     noise = {}
     for m in METRICS:
@@ -332,7 +335,7 @@ def summarize(study: CaptionShiftConfig, results: list[RunResult], log: Callable
         "shift": shift,
         "regression": regression,
         "comparisons": comparisons,
-        "dose": _dose(study),
+        "dose": dose,
         "fairness": _fairness(study, by),
         "noise": noise,
     }
@@ -397,6 +400,31 @@ def _comparisons(
                     }
                 out["arm_vs_base"][arm][cond][m.key] = entry
     return out
+
+
+def _per_share(study: CaptionShiftConfig, per_seed_tax: Mapping, dose: Mapping) -> dict:
+    """Descriptive: tax / caption share of the text targets, T+C_r − T+IC_r per seed (mean
+    over registers). T+C_r packs more captions per step than T+IC_r; if the tax grew in
+    proportion to that share, this compares the two at an equal share."""
+    if not ({"caption", "image_caption"} <= set(study.conditions) and study.registers):
+        return {}
+
+    def scaled(arm: str, cond: str, key: str) -> list[float]:
+        rows = []
+        for r in study.registers:
+            share = dose[cond][r]["caption_share"] or float("nan")
+            rows.append([t / share for t in per_seed_tax[(arm, cond, r, key)]])
+        return [_nan_mean(col) for col in zip(*rows, strict=True)]
+
+    return {
+        arm: {
+            m.key: paired(
+                scaled(arm, "caption", m.key), scaled(arm, "image_caption", m.key)
+            ).to_dict()
+            for m in METRICS
+        }
+        for arm in study.arms
+    }
 
 
 def _arms(study: CaptionShiftConfig, results: list[RunResult], by: Mapping) -> dict[str, Any]:

@@ -129,6 +129,12 @@ def _words(summary: Mapping, metric: str, arm: str, m: float) -> dict:
         f"{_fmt(diff, ' pp')} (t-test p {diff.get('p_t') or float('nan'):.3f})"
         + (f"; caption share of text targets per step: {', '.join(shares)}" if shares else "")
     )
+    per_share = summary["comparisons"].get("words_vs_pixels_per_share", {}).get(arm, {})
+    if per_share.get(metric):
+        detail += (
+            f"; per unit of caption share (if the tax scaled with it) "
+            f"{_fmt(per_share[metric], ' pp')}"
+        )
     c_low, _ = _ci(c)
     if low is None or high is None:
         return _verdict("words", metric, arm, INCONCLUSIVE, detail + " (no interval: 1 seed)")

@@ -204,6 +204,9 @@ def _comparisons(r: HtmlReport, summary: Mapping[str, Any]) -> None:
         rows = []
         for arm, per in comp["words_vs_pixels"].items():
             rows += _paired_rows(f"{arm}: T+C − T+IC", per[metric])
+        for arm, per in comp.get("words_vs_pixels_per_share", {}).items():
+            name = f"{arm}: (T+C − T+IC) per unit of caption share"
+            rows += _paired_rows(name, {"pooled": per[metric]})
         for arm, per_cond in comp["arm_vs_base"].items():
             base = next(iter(summary["arms"]))
             for cond, per in per_cond.items():
@@ -215,7 +218,9 @@ def _comparisons(r: HtmlReport, summary: Mapping[str, Any]) -> None:
                 rows += _paired_rows(f"{arm}: {label} − T+I", {"pooled": per[metric]})
         note = (
             f"{meta['label']}: paired differences of taxes (percentage points) per seed; Holm "
-            "across the registers of one comparison."
+            "across the registers of one comparison. Per unit of caption share: each tax "
+            "divided by its condition's caption share of the text targets (descriptive; it "
+            "assumes the tax scales with that share)."
         )
         if rows:
             r.table(header, rows, note, left=2)
