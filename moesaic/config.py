@@ -216,7 +216,7 @@ class ModelConfig:
 
 
 CAPTION_REGISTERS = ("terse", "plain", "natural", "mixed")  # "mixed": each caption picks one
-MIX_KEYS = ("text", "caption_image", "image_caption", "vqa", "image")
+MIX_KEYS = ("text", "caption_image", "image_caption", "vqa", "image", "caption")
 
 
 def _default_mix() -> dict[str, float]:

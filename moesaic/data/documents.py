@@ -7,6 +7,7 @@ Layouts (one document never straddles rows; `bos`/`eos` open and close every doc
     image_caption  bos  boi [image] eoi  caption… eos      understanding: image clean
     vqa            bos  boi [image] eoi  question… answer… eos   (doc_kind IMAGE_CAPTION)
     image          bos  boi [image] eoi  eos              image-only: flow loss, no text loss
+    caption        bos  caption…                  eos      a caption as plain text, no image
 
 Text targets: position i predicts the token at i+1 when that token is a text token flagged as
 a target; otherwise its target is -1. Image positions never carry text targets, and neither
@@ -20,6 +21,7 @@ are targets, per kind:
     image_caption  boi, caption and eos
     vqa            boi, answer and eos (the question is context only)
     image          none
+    caption        every token after bos (caption and eos), as in text (doc_kind TEXT)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ KIND_OF = {
     "vqa": DocKind.IMAGE_CAPTION,
     "image": DocKind.IMAGE,
     "ood_text": DocKind.TEXT,  # eval only: laid out like text
+    "caption": DocKind.TEXT,  # a caption alone, laid out like text
 }
 
 

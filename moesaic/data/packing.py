@@ -51,6 +51,8 @@ from moesaic.errors import ConfigError, DataError
 LOOKAHEAD = 4
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 KIND_IDS = {"text": 0, "caption_image": 1, "image_caption": 2, "vqa": 3, "image": 4, "ood_text": 5}
+# Caption-only document g is drawn from image_caption document g's seed: the same caption.
+KIND_IDS["caption"] = KIND_IDS["image_caption"]
 IMAGE_KINDS = ("caption_image", "image_caption", "vqa", "image")
 STATE_VERSION = 1
 
@@ -121,7 +123,7 @@ class DocFactory:
         if rec is None:
             return None
         key, opts, L = (lane, g), self.opts, self.cfg.seq_len
-        if kind in ("text", "ood_text"):
+        if kind in ("text", "ood_text", "caption"):
             pieces = rec.pieces or ((rec.text, True),)
             segs = [("text", self.tok.encode(text), loss) for text, loss in pieces]
             return assemble(kind, segs, self.ids, key, L)

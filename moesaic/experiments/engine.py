@@ -45,6 +45,7 @@ SCHEMA = "moesaic-study/1"
 EXPERIMENTS = {
     "tax": "moesaic.experiments.compete",
     "capacity": "moesaic.experiments.capacity",
+    "caption-shift": "moesaic.experiments.caption_shift",
     "isoflop": "moesaic.experiments.isoflop",
     "memory-allocation": "moesaic.experiments.allocation",
     "depth-width": "moesaic.experiments.depth",

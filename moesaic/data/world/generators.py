@@ -99,6 +99,14 @@ def _vqa(
     return Record(text=q, images=(scenes.render(scene, image_size),), answer=a, scene=scene)
 
 
+@register("caption")
+def _caption(rng: random.Random, split: str, register: str, image_size: int) -> Record:
+    """A scene's caption without its image: the same draws as `scene`, so the same rng gives
+    the same caption (caption document g is image_caption document g's caption)."""
+    scene = scenes.sample_scene(rng, split)
+    return Record(text=captions.caption(scene, register, rng), scene=scene)
+
+
 # Which generator feeds each mix key.
 GENERATOR_FOR_KIND = {
     "text": "text",
@@ -107,6 +115,7 @@ GENERATOR_FOR_KIND = {
     "image": "scene",
     "vqa": "vqa",
     "ood_text": "ood_text",
+    "caption": "caption",
 }
 
 
