@@ -1,16 +1,23 @@
 """The `moesaic` command. Each subcommand lives in its own module, which provides
 `add_arguments(parser)` and `run(args) -> int`; this file only wires them together.
 
-User errors (`MoesaicError`) print one line on stderr, without a traceback, and exit 2.
+User errors (`MoesaicError`) print one line on stderr, without a traceback, and exit 2;
+skipped data records print as one `warning:` line each.
+Options and positional arguments (a config and its `key=value` overrides) mix in any order.
+SIGTERM is treated like Ctrl-C from the first moment: a command that is not training (or a
+training run still starting up) stops with one line and exit code 130; the training loop
+itself checkpoints first (`moesaic.train.loop`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
+import signal
 import sys
+import threading
 
+from moesaic.data.reading import data_warnings_as_lines
 from moesaic.errors import MoesaicError
 
 # name -> (module, one-line help)
@@ -25,7 +32,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compete": ("moesaic.commands.compete", "the modality-competition study: tax per arm + report"),
     "analyze": ("moesaic.commands.analyze", "expert specialisation and activation sparsity"),
     "bench": ("moesaic.bench.cli", "run a benchmark (prints a table; --json writes the figures)"),
+    "data": (
+        "moesaic.commands.data",
+        "data helpers: `data example DIR` writes a real-data example",
+    ),
 }
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def interrupt_name(e: KeyboardInterrupt) -> str:
+    return "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """Options and positionals in any order (`train tiny --out X k=v --name Y`).
+
+    argparse's own parser stops filling a `nargs="*"` positional at the first option; its
+    intermixed mode does not, but refuses parsers with subcommands, which keep the plain mode.
+    """
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Unified multimodal pretraining with per-token sparse capacity.",
     )
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=IntermixedParser)
     for name, (module_name, help_text) in COMMANDS.items():
-        if importlib.util.find_spec(module_name) is None:
-            continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
@@ -52,19 +92,25 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
-        return int(args._run(args) or 0)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        with data_warnings_as_lines():
+            return int(args._run(args) or 0)
     except MoesaicError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt as e:
+        print(f"stopped by {interrupt_name(e)}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -10,23 +10,27 @@ one-line message and a "did you mean" suggestion.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from moesaic.errors import ConfigError
+from moesaic.config_tree import (
+    apply_overrides,
+    deep_merge,
+    from_dict,
+    read_yaml,
+)
+from moesaic.errors import ConfigError, did_you_mean
+from moesaic.primes import largest_primes, nth_prime
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
 def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        hint = difflib.get_close_matches(value, choices, n=1)
-        extra = f"; did you mean '{hint[0]}'?" if hint else ""
+        extra = did_you_mean(value, choices, listing=False)
         raise ConfigError(f"{path}='{value}' is not one of {', '.join(choices)}{extra}")
 
 
@@ -53,7 +57,7 @@ class FFNConfig:
     aux_loss: float = 0.01  # α of the per-layer Switch load-balancing loss (0 = off)
     z_loss: float = 0.0  # β of the router z-loss (0 = off)
     bias_rate: float = 0.0  # γ of auxiliary-loss-free bias balancing (0 = off)
-    dispatch: str = "auto"  # auto | native | grouped_mm | padded | split
+    dispatch: str = "auto"  # auto | native | grouped_mm | split
     # FFN weights of video-frame tokens: image (share the image modality's FFN, expert group
     # and shared expert: video frames are images) | own (a third, video-only one)
     video_ffn: str = "image"
@@ -71,6 +75,11 @@ class FFNConfig:
     def expert_hidden(self) -> int:
         return self.hidden // self.granularity
 
+    @property
+    def routed_experts(self) -> int:
+        """Routed experts per token: the active ones minus the always-on shared expert."""
+        return self.active_experts - (0 if self.shared == "none" else 1)
+
     def validate(self, path: str = "model.ffn") -> None:
         _check_choice(f"{path}.kind", self.kind, ("dense", "modality", "moe"))
         _check_positive(f"{path}.hidden", self.hidden)
@@ -80,9 +89,7 @@ class FFNConfig:
         _check_choice(f"{path}.shared", self.shared, ("none", "global", "per_modality"))
         _check_choice(f"{path}.groups", self.groups, ("none", "modality"))
         _check_choice(f"{path}.score", self.score, ("softmax", "sigmoid"))
-        _check_choice(
-            f"{path}.dispatch", self.dispatch, ("auto", "native", "grouped_mm", "padded", "split")
-        )
+        _check_choice(f"{path}.dispatch", self.dispatch, ("auto", "native", "grouped_mm", "split"))
         for name in ("experts", "granularity", "every"):
             _check_positive(f"{path}.{name}", getattr(self, name))
         for name in ("aux_loss", "z_loss", "bias_rate"):
@@ -94,12 +101,11 @@ class FFNConfig:
                 f"{path}.hidden={self.hidden} is not divisible by {path}.granularity="
                 f"{self.granularity}; pick a granularity that divides the FFN width"
             )
-        n_shared = {"none": 0, "global": 1, "per_modality": 1}[self.shared]
-        routed_k = self.active_experts - n_shared
+        routed_k = self.routed_experts
         if routed_k < 1:
             raise ConfigError(
                 f"{path}.top_k={self.active_experts} leaves no routed expert next to "
-                f"shared='{self.shared}'; use top_k >= {n_shared + 1} or granularity >= 2"
+                f"shared='{self.shared}'; use top_k >= 2 or granularity >= 2"
             )
         n_groups = self.modality_slots if self.groups == "modality" else 1
         per_token_pool = self.experts // n_groups
@@ -114,6 +120,70 @@ class FFNConfig:
             raise ConfigError(
                 f"{path}.top_k={self.active_experts} needs {routed_k} routed experts per token "
                 f"but only {per_token_pool} are available; raise {path}.experts or lower top_k"
+            )
+
+
+TEXT_KINDS = ("text", "caption_image", "image_caption", "vqa")
+
+
+@dataclasses.dataclass
+class MemoryConfig:
+    """Hashed n-gram lookup memory added to the residual stream of chosen blocks
+    (`model/memory.py`, docs/model-memory.md). Off while `layers` is empty."""
+
+    layers: list[int] = dataclasses.field(default_factory=list)  # block indices (0-based)
+    orders: list[int] = dataclasses.field(default_factory=lambda: [2, 3])  # n-gram orders >= 2
+    heads: int = 4  # hash heads per order: one table each
+    table_rows: int = 32768  # rows per table, rounded down to distinct primes (the moduli)
+    dim: int = 32  # width of a table row
+    conv_kernel: int = 4  # causal depthwise conv width inside the document (0 = no conv)
+    lazy_adam: bool = True  # Adam updates only looked-up rows (false: dense AdamW, slow)
+
+    @property
+    def tables(self) -> int:
+        """Tables per memory layer: one per (order, hash head)."""
+        return len(self.orders) * self.heads
+
+    def table_moduli(self) -> tuple[int, ...]:
+        """Rows of each table, order-major (all heads of orders[0] first): the `tables`
+        largest primes <= table_rows, so no two tables share a modulus."""
+        return largest_primes(self.table_rows, self.tables)
+
+    def validate(self, path: str = "model.memory", num_layers: int = 0) -> None:
+        if not self.layers:
+            return
+        for i in self.layers:
+            if not 0 <= i < num_layers:
+                raise ConfigError(
+                    f"{path}.layers contains {i}, but blocks are numbered 0..{num_layers - 1}; "
+                    f"use indices in [0, {num_layers})"
+                )
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"{path}.layers={self.layers} repeats a block; list each once")
+        if not self.orders:
+            raise ConfigError(f"{path}.orders is empty; give n-gram orders, e.g. [2, 3]")
+        for n in self.orders:
+            if n < 2:
+                raise ConfigError(
+                    f"{path}.orders contains {n}: an n-gram order must be >= 2 (order 1 is the "
+                    "token embedding); use e.g. [2, 3]"
+                )
+        if len(set(self.orders)) != len(self.orders):
+            raise ConfigError(f"{path}.orders={self.orders} repeats an order; list each once")
+        for name, example in (("heads", 4), ("dim", 32)):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{path}.{name}={getattr(self, name)} must be >= 1; use e.g. {example}"
+                )
+        if self.conv_kernel < 0:
+            raise ConfigError(
+                f"{path}.conv_kernel={self.conv_kernel} must be >= 0; use 4, or 0 for no conv"
+            )
+        if len(self.table_moduli()) < self.tables:
+            raise ConfigError(
+                f"{path}.table_rows={self.table_rows} has fewer than {self.tables} primes below "
+                f"it for {self.tables} tables ({len(self.orders)} orders x {self.heads} heads); "
+                f"use table_rows >= {nth_prime(self.tables)}"
             )
 
 
@@ -137,6 +207,7 @@ class ModelConfig:
     # add an embedding of each patch's index inside its image / frame to the patch input
     patch_positions: bool = False
     ffn: FFNConfig = dataclasses.field(default_factory=FFNConfig)
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
 
     def validate(self, path: str = "model") -> None:
         for name in ("dim", "layers", "heads"):
@@ -155,14 +226,131 @@ class ModelConfig:
         _check_choice(f"{path}.prediction", self.prediction, ("velocity", "x0"))
         _check_choice(f"{path}.attention", self.attention, ("auto", "sdpa", "flex"))
         self.ffn.validate(f"{path}.ffn")
+        self.memory.validate(f"{path}.memory", self.layers)
 
 
-MIX_KEYS = ("text", "caption_image", "image_caption", "vqa", "image", "video", "action_video")
+CAPTION_REGISTERS = ("terse", "plain", "natural", "mixed")  # "mixed": each caption picks one
+MIX_KEYS = (
+    "text", "caption_image", "image_caption", "vqa", "image", "caption", "video", "action_video"
+)  # fmt: skip
 VIDEO_KINDS = ("video", "action_video")
 
 
 def _default_mix() -> dict[str, float]:
     return {"text": 0.5, "caption_image": 0.25, "image_caption": 0.1, "vqa": 0.05, "image": 0.1}
+
+
+def _check_mix(path: str, mix: dict[str, float]) -> None:
+    for key, value in mix.items():
+        if key not in MIX_KEYS:
+            raise ConfigError(f"unknown document kind '{path}.{key}'{did_you_mean(key, MIX_KEYS)}")
+        _check_positive(f"{path}.{key}", value, allow_zero=True)
+    if sum(mix.values()) <= 0:
+        raise ConfigError(f"{path} has no positive weight; give at least one kind a weight > 0")
+
+
+# Limits of the built-in world's knobs (checked here so that config stays free of data imports).
+SCENE_CELLS = 9  # cells of the world's 3×3 grid: the most objects a scene can hold
+KNOWLEDGE_MAX_ENTITIES = 50_000
+KNOWLEDGE_ATTRIBUTES = 8  # attributes the knowledge module defines
+
+
+def check_max_objects(value: int, path: str = "data.max_objects") -> None:
+    if not 1 <= value <= SCENE_CELLS:
+        raise ConfigError(
+            f"{path}={value} must be in [1, {SCENE_CELLS}] (objects per world scene, at most "
+            "one per cell of the 3×3 grid; default 3)"
+        )
+
+
+@dataclasses.dataclass
+class KnowledgeConfig:
+    """The world's synthetic knowledge base (docs/data-knowledge.md): biographies of invented
+    people as a share of the text documents, a dial of capacity pressure on text."""
+
+    entities: int = 0  # people in the knowledge base (0 = off: the world without one)
+    attributes: int = 6  # facts per person: the first n of the knowledge module's list
+    share: float = 0.5  # fraction of text documents that are biographies, in (0, 1]
+
+    def validate(self, path: str = "data.knowledge") -> None:
+        if not 0 <= self.entities <= KNOWLEDGE_MAX_ENTITIES:
+            raise ConfigError(
+                f"{path}.entities={self.entities} must be in [0, {KNOWLEDGE_MAX_ENTITIES}] "
+                "(people in the knowledge base; 0 = off)"
+            )
+        if not 1 <= self.attributes <= KNOWLEDGE_ATTRIBUTES:
+            raise ConfigError(
+                f"{path}.attributes={self.attributes} must be in [1, {KNOWLEDGE_ATTRIBUTES}] "
+                "(facts per person)"
+            )
+        if not 0.0 < self.share <= 1.0:
+            raise ConfigError(
+                f"{path}.share={self.share} must be in (0, 1] (the fraction of text documents "
+                "that are biographies)"
+            )
+
+
+READERS = ("world", "folder", "text", "webdataset", "hf", "digits", "clips")
+SYMLINK_READERS = ("folder", "text", "webdataset", "clips")  # readers that walk directories
+SOURCE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One entry of `data.sources`: a reader, its inputs, and its share of document tokens.
+
+    The target share of (source s, kind k) is weight_s × share_s(k), where share_s is the
+    source's own `mix` or, when empty, the run's mix restricted to the kinds it provides
+    (docs/data-sources.md, `moesaic/data/mixing.py`).
+    """
+
+    kind: str = ""  # the reader: world | folder | text | webdataset | hf | digits | clips
+    name: str = ""  # "" = the reader's name; names key the source's documents and eval sets
+    paths: list[str] = dataclasses.field(default_factory=list)
+    weight: float = 1.0  # share of document tokens (normalised over the sources drawn from)
+    mix: dict[str, float] = dataclasses.field(default_factory=dict)  # {} = the run's mix
+    follow_symlinks: bool = False  # folder, text, webdataset (see data.follow_symlinks)
+    caption_register: str = ""  # world: "" = data.caption_register
+    max_objects: int = 0  # world: 0 = data.max_objects
+
+    def validate(self, path: str) -> None:
+        if not self.kind:
+            raise ConfigError(
+                f"{path}.kind is missing; give the reader, one of {', '.join(READERS)}"
+            )
+        _check_choice(f"{path}.kind", self.kind, READERS)
+        if not self.name or not set(self.name) <= SOURCE_NAME_CHARS:
+            raise ConfigError(
+                f"{path}.name='{self.name}' must be a non-empty name of letters, digits, '_', "
+                "'.' or '-' (it keys the source's documents and eval sets)"
+            )
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ConfigError(
+                f"{path}.weight={self.weight} must be a finite number > 0 (its share of "
+                "document tokens); remove a source you do not want"
+            )
+        if self.mix:
+            _check_mix(f"{path}.mix", self.mix)
+        if self.follow_symlinks and self.kind not in SYMLINK_READERS:
+            raise ConfigError(
+                f"{path}.follow_symlinks=true has no effect with kind='{self.kind}' (it applies "
+                "to folder, text, webdataset and clips); remove it"
+            )
+        if self.kind not in ("world", "digits") and not self.paths:
+            raise ConfigError(f"{path} (kind '{self.kind}') needs input files: set its paths")
+        if self.kind in ("world", "digits") and self.paths:
+            raise ConfigError(f"{path} (kind '{self.kind}') reads no files; remove its paths")
+        world_only = {"caption_register": self.caption_register, "max_objects": self.max_objects}
+        for key, value in world_only.items():
+            if value and self.kind != "world":
+                raise ConfigError(f"{path}.{key} applies to kind 'world' only; remove it")
+        if self.caption_register:
+            _check_choice(f"{path}.caption_register", self.caption_register, CAPTION_REGISTERS)
+        if self.max_objects:
+            check_max_objects(self.max_objects, f"{path}.max_objects")
+        for p in self.paths:
+            if "\x00" in p:
+                raise ConfigError(f"{path}.paths entry {p!r} holds a NUL character; fix the path")
 
 
 @dataclasses.dataclass
@@ -199,6 +387,8 @@ class DataConfig:
     channels: int = 3
     # shares of document tokens per kind (normalised over the kinds the source provides)
     mix: dict[str, float] = dataclasses.field(default_factory=_default_mix)
+    # stacked sub-batches: each batch is batch_size rows of every listed mix (mix then ignored)
+    parts: list[dict[str, float]] = dataclasses.field(default_factory=list)
     caption_register: str = "terse"  # terse | plain | natural | mixed
     caption_loss: bool = True  # captions before images carry text loss (off: image-only arms)
     caption_dropout: float = 0.1  # on generation pairs, for classifier-free guidance
@@ -209,6 +399,21 @@ class DataConfig:
     seed: int = 0
     strict: bool = False  # raise on bad records instead of skipping and counting them
     video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
+    max_objects: int = 3  # world scenes hold 1..max_objects objects (1..9)
+    knowledge: KnowledgeConfig = dataclasses.field(default_factory=KnowledgeConfig)
+    follow_symlinks: bool = False  # let symlinks inside a real-data directory point outside it
+    # several sources in one run (docs/data-sources.md); replaces data.source / data.paths
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+    decode_cache: bool = True  # keep resized real images under $MOESAIC_CACHE/decoded
+
+    @property
+    def world_only(self) -> bool:
+        """Whether the data is the built-in world alone (no real source anywhere)."""
+        return not self.sources and self.source == "world"
+
+    def source_list(self) -> list[SourceConfig]:
+        """`data.sources` with default names filled in (the reader's name)."""
+        return [dataclasses.replace(s, name=s.name or s.kind) for s in self.sources]
 
     @property
     def patch_dim(self) -> int:
@@ -233,29 +438,61 @@ class DataConfig:
                 f"{path}.understanding_noise={self.understanding_noise} must be in [0, 1]"
             )
         _check_positive(f"{path}.time_shift", self.time_shift)
-        _check_choice(
-            f"{path}.source",
-            self.source,
-            ("world", "folder", "text", "webdataset", "hf", "digits", "clips"),
-        )
+        _check_choice(f"{path}.source", self.source, READERS)
         self.video.validate(f"{path}.video")
+        if self.sources:
+            self._validate_sources(path)
         _check_choice(
             f"{path}.caption_register",
             self.caption_register,
-            ("terse", "plain", "natural", "mixed"),
+            CAPTION_REGISTERS,
         )
+        if self.follow_symlinks and self.source not in SYMLINK_READERS:
+            raise ConfigError(
+                f"{path}.follow_symlinks=true has no effect with {path}.source='{self.source}' "
+                "(it applies to folder, text, webdataset and clips); remove it"
+            )
         if self.source not in ("world", "digits") and not self.paths:
             raise ConfigError(
                 f"{path}.source='{self.source}' needs input files: set {path}.paths=[...]"
             )
-        for key, value in self.mix.items():
-            if key not in MIX_KEYS:
-                hint = difflib.get_close_matches(key, MIX_KEYS, n=1)
-                extra = f"; did you mean '{hint[0]}'?" if hint else f" ({', '.join(MIX_KEYS)})"
-                raise ConfigError(f"unknown document kind '{path}.mix.{key}'{extra}")
-            _check_positive(f"{path}.mix.{key}", value, allow_zero=True)
-        if sum(self.mix.values()) <= 0:
-            raise ConfigError(f"{path}.mix has no positive weight; give at least one source > 0")
+        for where, mix in [(f"{path}.mix", self.mix)] + [
+            (f"{path}.parts[{i}]", part) for i, part in enumerate(self.parts)
+        ]:
+            _check_mix(where, mix)
+        check_max_objects(self.max_objects, f"{path}.max_objects")
+        self.knowledge.validate(f"{path}.knowledge")
+        has_world = any(s.kind == "world" for s in self.sources) or (
+            not self.sources and self.source == "world"
+        )
+        if self.knowledge.entities and not has_world:
+            raise ConfigError(
+                f"{path}.knowledge.entities={self.knowledge.entities} needs the built-in world "
+                f"({path}.source='{self.source}'); set {path}.knowledge.entities=0"
+            )
+
+    def _validate_sources(self, path: str) -> None:
+        """`data.sources` replaces `data.source`/`data.paths`: both given is a mistake."""
+        if self.source != "world" or self.paths:
+            given = f"{path}.source='{self.source}'" if self.source != "world" else f"{path}.paths"
+            raise ConfigError(
+                f"{given} and {path}.sources are both given; list every source in "
+                f"{path}.sources and drop {path}.source / {path}.paths"
+            )
+        if self.follow_symlinks:
+            raise ConfigError(
+                f"{path}.follow_symlinks=true with {path}.sources: set follow_symlinks on each "
+                "source that needs it"
+            )
+        seen: set[str] = set()
+        for i, src in enumerate(self.source_list()):
+            src.validate(f"{path}.sources[{i}]")
+            if src.name in seen:
+                raise ConfigError(
+                    f"{path}.sources[{i}].name='{src.name}' repeats an earlier source's name; "
+                    "give each source a distinct name"
+                )
+            seen.add(src.name)
 
 
 @dataclasses.dataclass
@@ -294,10 +531,15 @@ class EvalConfig:
     every: int = 100  # evaluate held-out losses every n steps (0 = only at the end)
     batches: int = 4  # held-out batches per evaluation
     seed: int = 1234  # fixes eval data, noise and flow times
+    # out-of-distribution text (.txt / .jsonl files or directories); [] = the world's generator
+    ood_text: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self, path: str = "eval") -> None:
         _check_positive(f"{path}.every", self.every, allow_zero=True)
         _check_positive(f"{path}.batches", self.batches)
+        for p in self.ood_text:
+            if not p or "\x00" in p:
+                raise ConfigError(f"{path}.ood_text entry {p!r} is not a path; fix it")
 
 
 @dataclasses.dataclass
@@ -347,6 +589,15 @@ class Config:
                 sub.validate(f.name)
         if not self.name or "/" in self.name:
             raise ConfigError(f"name='{self.name}' must be a non-empty name without '/'")
+        mixes = self.data.parts or [self.data.mix]
+        if self.model.memory.layers and not any(
+            mix.get(k, 0) > 0 for mix in mixes for k in TEXT_KINDS
+        ):
+            raise ConfigError(
+                f"model.memory.layers={self.model.memory.layers} needs text, but data.mix gives "
+                f"weight to no document with words ({', '.join(TEXT_KINDS)}); add one "
+                "(e.g. data.mix.text=0.5) or set model.memory.layers=[]"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -357,96 +608,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Generic machinery: dict <-> dataclass with type checks, dotted overrides, presets.
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(path: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp` and convert where lossless (int → float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(path, value, arg)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path} must be a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, path)
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}={value!r} must be a list")
-        (item,) = typing.get_args(tp)
-        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}={value!r} must be a mapping")
-        kt, vt = typing.get_args(tp)
-        return {_coerce(path, k, kt): _coerce(f"{path}.{k}", v, vt) for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}={value!r} must be a number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}={value!r} must be an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}={value!r} must be true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}={value!r} must be a string")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported config annotation {_type_name(tp)} at {path}")
-
-
-def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
-    where = f"{path}.{key}" if path else key
-    hint = difflib.get_close_matches(key, valid, n=1)
-    extra = f"; did you mean '{(path + '.' if path else '') + hint[0]}'?" if hint else ""
-    return ConfigError(f"unknown config key '{where}'{extra}")
-
-
-def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """Build dataclass `cls` from a (partial) mapping; missing keys keep their defaults."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise _unknown_key(path, str(key), names)
-        kwargs[key] = _coerce(f"{path}.{key}" if path else key, value, hints[key])
-    return cls(**kwargs)
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+# Loading: presets, `base:` chains, overrides.
 
 
 def preset_names() -> list[str]:
@@ -464,21 +626,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if preset.is_file():
         return preset
     names = preset_names()
-    hint = difflib.get_close_matches(str(name_or_path), names, n=1)
-    extra = f"; did you mean '{hint[0]}'?" if hint else f" (presets: {', '.join(names)})"
+    extra = did_you_mean(str(name_or_path), names)
     raise ConfigError(f"no preset or config file named '{name_or_path}'{extra}")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping, not {type(data).__name__}")
-    return data
 
 
 def load_raw(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -486,44 +635,14 @@ def load_raw(name_or_path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     path = resolve_config_path(name_or_path).resolve()
     if path in _seen:
         raise ConfigError(f"config '{path}' includes itself through 'base:'")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"'base' in '{path}' must be a preset name or path, got {base!r}")
     base_path = path.parent / base if (path.parent / base).is_file() else base
-    return _deep_merge(load_raw(base_path, (*_seen, path)), data)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key=value (e.g. train.lr=1e-3)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted `key=value` overrides to a raw mapping (checked when the config is built)."""
-    data = _deep_merge({}, data)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            nxt = node.get(key)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                node[key] = nxt
-            node = nxt
-        node[keys[-1]] = value
-    return data
+    return deep_merge(load_raw(base_path, (*_seen, path)), data)
 
 
 def build_config(data: dict[str, Any]) -> Config:

@@ -9,6 +9,7 @@ sees the old content or the new one. On failure the temporary file is removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -54,6 +55,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def os_error_fix(e: BaseException, where: Path | str) -> str:
+    """What to do about a failed write (`e` an OSError) in `where`, in a few words."""
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"free some disk space for '{where}'"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make '{where}' writable"
+    return f"check the disk holding '{where}'"
 
 
 def cache_dir() -> Path:

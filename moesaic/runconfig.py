@@ -28,6 +28,7 @@ RESUMABLE_KEYS = (
     "train.device",
     "train.threads",
     "train.compile",
+    "data.decode_cache",  # the cache returns what a fresh decode gives, bit for bit
     "eval.every",
     "logging",
     "dist",

@@ -10,11 +10,11 @@ from torch import Tensor, nn
 
 from moesaic.config import load_config
 from moesaic.data import load_tokenizer
-from moesaic.evaluate.runs import LoadedRun
 from moesaic.files import cache_dir
 from moesaic.model import Transformer, heads
 from moesaic.runconfig import resolve_model_dims
 from moesaic.train.loop import Trainer
+from moesaic.train.runs import LoadedRun
 from tests.train_utils import MICRO
 
 

@@ -10,14 +10,11 @@ import torch
 from moesaic.analysis import sparsity
 from moesaic.analysis import specialization as spec
 from moesaic.analysis.tax import (
-    LOSS_METRICS,
+    HEADLINE_KEYS,
     MetricSpec,
-    Stat,
-    format_tax_table,
-    least_tax,
     modality_tax,
-    tax_difference,
-    tax_table,
+    tax_cell,
+    time_bin_metrics,
 )
 from moesaic.jsonsafe import json_safe
 
@@ -41,57 +38,40 @@ def test_modality_tax_undefined(j, u):
     assert math.isnan(modality_tax(j, u))
 
 
-def test_stat_mean_and_sample_std():
-    s = Stat.of([1.0, 2.0, 3.0, float("nan")])
-    assert s.mean == pytest.approx(2.0)
-    assert s.std == pytest.approx(1.0)
-    assert (s.n, s.missing) == (3, 1)
-    assert math.isnan(Stat.of([4.0]).std)
-    assert json.dumps(json_safe(Stat.of([4.0]).to_dict()), allow_nan=False)
-
-
-def test_tax_table_pairs_seeds_and_skips_joint_only_tax():
-    results = {
-        "dense": {
-            "text": {"text/text": [2.0, 4.0], "ood_text/text": [3.0, 3.0]},
-            "image": {"image/image": [0.5, 0.5]},
-            "joint": {
-                "text/text": [2.2, 4.0],
-                "ood_text/text": [3.3, 3.6],
-                "image/image": [0.45, 0.55],
-                "caption/text": [1.5, 1.7],
-            },
-        },
-        "moe": {
-            "text": {"text/text": [2.0, 4.0]},
-            "image": {"image/image": [0.5, 0.5]},
-            "joint": {"text/text": [2.0, 3.8], "image/image": [0.5, 0.5]},
-        },
-    }
-    table = tax_table(results)
-    cell = table["dense"]["text/text"]
+def test_tax_cell_pairs_seeds_and_skips_joint_only_tax():
+    text = MetricSpec("text/text", "text", "text")
+    cell = tax_cell(text, [2.0, 4.0], [2.2, 4.0])
     assert cell.tax.values == pytest.approx((10.0, 0.0))  # per seed, not of the means
     assert cell.tax.mean == pytest.approx(5.0)
-    assert table["dense"]["image/image"].tax.values == pytest.approx((-10.0, 10.0))
-    cap = table["dense"]["caption/text"]
+    assert cell.delta.values == pytest.approx((0.2, 0.0))  # nats, beside the percentage
+    # 95 % t-interval of [10, 0]: 5 ± 12.706 · 5 (t(0.975, 1) = 12.706, se = 7.071 / √2)
+    assert (cell.tax.ci_low, cell.tax.ci_high) == pytest.approx((5 - 63.53, 5 + 63.53), abs=0.01)
+    cap = tax_cell(MetricSpec("caption/text", "caption", None), [], [1.5, 1.7])
     assert cap.tax.n == 0 and cap.to_dict()["tax"] is None and cap.joint.mean == 1.6
-    assert "ood_text/text" not in table["moe"]
-    assert least_tax(table, "text/text") == "moe"
-    diff = tax_difference(table, "moe", "dense", "text/text")
-    assert diff.values == pytest.approx((-10.0, -5.0))  # moe taxes 0, -5 minus dense 10, 0
-    assert tax_difference(table, "moe", "dense", "caption/text") is None
-    text = format_tax_table(table)
-    assert "dense" in text and "+5.00 ± 7.07%" in text and "(joint only)" in text
+    missing = tax_cell(text, [None, 4.0], [2.2, 4.4])  # a seed without its unimodal run
+    assert missing.tax.values[0] != missing.tax.values[0] and missing.tax.n == 1
+    assert json.dumps(json_safe(missing.to_dict()), allow_nan=False)
+    with pytest.raises(ValueError):
+        tax_cell(text, [1.0], [1.0, 2.0])
 
 
-def test_tax_table_score_metric_and_missing_unimodal():
+def test_tax_cell_score_metric_flips_sign():
     acc = MetricSpec("tasks/t2i_accuracy", "t2i accuracy", "image", higher_is_better=True)
-    results = {"a": {"image": {}, "joint": {"tasks/t2i_accuracy": [0.4]}}}
-    cell = tax_table(results, [*LOSS_METRICS, acc])["a"]["tasks/t2i_accuracy"]
-    assert cell.tax.n == 0 and cell.tax.missing == 1
-    results["a"]["image"] = {"tasks/t2i_accuracy": [0.5]}
-    cell = tax_table(results, [acc])["a"]["tasks/t2i_accuracy"]
-    assert cell.tax.mean == pytest.approx(20.0)
+    assert tax_cell(acc, [0.5], [0.4]).tax.mean == pytest.approx(20.0)
+    assert tax_cell(acc, [0.5], [0.4]).delta.mean == pytest.approx(-0.1)
+
+
+def test_headline_metrics_and_time_bins():
+    assert HEADLINE_KEYS == (
+        "text/text",
+        "ood_text/text",
+        "knowledge/text",
+        "image/image",
+        "image_uncond/image",
+    )
+    bins = time_bin_metrics(8)
+    assert [m.key for m in bins[:2]] == ["image/image_t0", "image/image_t1"]
+    assert all(m.modality == "image" and not m.headline for m in bins)
 
 
 # ---------------------------------------------------------------------- specialisation
@@ -133,6 +113,24 @@ def test_specialization_undefined_cases():
     assert c["unused"] == 1 and sum(c["counts"].values()) == 2
     only_text = spec.specialization_scores([[3, 1], [0, 0]], [4, 0], k=1)
     assert np.isnan(only_text).all()
+
+
+def test_null_fractions_of_modality_blind_routing_by_hand():
+    """2 experts of equal load, one text and one image assignment, k = 1: both on one expert
+    (p 1/2) leaves it shared and the other unused; on different experts (p 1/2) one is a text
+    and one an image expert. Expected fractions: text 1/4, image 1/4, shared 1/2."""
+    null = spec.null_fractions([[1, 0], [0, 1]], [1, 1], 1.0, draws=4000, seed=3)
+    assert null == pytest.approx({"text": 0.25, "image": 0.25, "shared": 0.5}, abs=0.02)
+    assert spec.null_fractions([[1, 0], [0, 1]], [1, 1], 1.0, draws=50, seed=3) == (
+        spec.null_fractions([[1, 0], [0, 1]], [1, 1], 1.0, draws=50, seed=3)
+    )
+    # many tokens: blind routing looks shared; the observed perfectly split routing does not
+    big = spec.null_fractions([[5000, 0], [0, 5000]], [5000, 5000], 1.0, draws=20)
+    assert big["shared"] == pytest.approx(1.0)
+    assert spec.classify(spec.specialization_scores([[5000, 0], [0, 5000]], [5000, 5000], 1.0))[
+        "fractions"
+    ] == {"text": 0.5, "image": 0.5, "shared": 0.0}
+    assert math.isnan(spec.null_fractions([[1, 0], [0, 0]], [1, 0], 1.0)["text"])
 
 
 def test_entropy_load_and_correlation():

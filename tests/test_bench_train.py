@@ -33,7 +33,9 @@ def test_bench_train_writes_report(tmp_path):
     )
     assert bench.run(args) == 0
     report = json.loads(out.read_text())
-    assert {"machine", "torch", "threads", "omp_wait_policy", "rows"} <= set(report)
+    import torch
+
+    assert report["torch"] == torch.__version__ and report["threads"] == 1
     rows = {r["preset"]: r for r in report["rows"]}
     assert set(rows) == {"tiny-dense", "tiny-moe"}
     assert rows["tiny-dense"]["ratio_to_dense"] == 1.0
@@ -46,4 +48,6 @@ def test_bench_train_writes_report(tmp_path):
     assert dense["params_total"] == dense["params_active"]
     assert abs(moe["params_active"] / dense["params_active"] - 1) < 0.01  # matched compute
     for r in rows.values():
-        assert r["tokens_per_s"] > 0 and r["mfu"] > 0
+        peak = r["matmul_peak_gflops"] * 1e9
+        assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / peak)
+        assert 0 < r["mfu"] < 1.5  # a step cannot run far faster than a large matmul

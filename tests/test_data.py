@@ -241,7 +241,9 @@ def test_eval_sets_fixed_and_independent_of_mix(tok):
     a = build_eval_sets(_cfg(), tok, seed=7, n_batches=2)
     b = build_eval_sets(_cfg("data.mix={text: 1}", "data.seed=3"), tok, seed=7, n_batches=2)
     c = build_eval_sets(_cfg(), tok, seed=8, n_batches=2)
-    assert set(a) == {"text", "ood_text", "image", "caption", "video", "action_video"}
+    assert set(a) == {
+        "text", "ood_text", "image", "image_uncond", "caption", "video", "action_video"
+    }  # fmt: skip
     for name in a:
         assert len(a[name]) == 2
         for x, y in zip(a[name], b[name], strict=True):
@@ -253,6 +255,16 @@ def test_eval_sets_fixed_and_independent_of_mix(tok):
     assert set(image.t[image.image_mask].unique().tolist()) <= {(i + 0.5) / 8 for i in range(8)}
     assert a["caption"][0].num_text_targets > 0 and not a["caption"][0].image_loss.any()
     assert (a["text"][0].doc_kind != DocKind.CAPTION_IMAGE).all()
+    # the unconditional set: the same images, noise and flow times, with no caption at all
+    cond, uncond = a["image"][0], a["image_uncond"][0]
+    for f in ("patches", "noise", "t"):
+        first_cond = getattr(cond, f)[0][cond.image_id[0] == 0]
+        assert first_cond.numel() > 0
+        assert torch.equal(first_cond, getattr(uncond, f)[0][uncond.image_id[0] == 0])
+    for row in range(uncond.tokens.shape[0]):
+        text = (uncond.modality[row] == Modality.TEXT) & (uncond.doc_kind[row] != DocKind.PAD)
+        per_doc = torch.bincount(uncond.doc_id[row][text])
+        assert (per_doc[per_doc > 0] == 4).all()  # bos boi … eoi eos: no caption token
 
 
 def test_caption_shift_metric(tok):

@@ -1,4 +1,4 @@
-"""Dispatch backends (C++ kernel, grouped matmul, padded, split) equal a per-token reference."""
+"""Dispatch backends (C++ kernel, grouped matmul, split) equal a per-token reference."""
 
 import hypothesis.strategies as st
 import pytest
@@ -9,13 +9,8 @@ from model_utils import dispatch_gradcheck
 
 from moesaic.errors import ConfigError
 from moesaic.model import native
-from moesaic.model.dispatch import (
-    BACKENDS,
-    Experts,
-    dispatch,
-    grouped_mm_supported,
-    sort_by_expert,
-)
+from moesaic.model.dispatch import dispatch, sort_by_expert
+from moesaic.model.experts import BACKENDS, Experts, grouped_mm_supported
 
 # the C++ kernel's backend where it can be built (a machine without a compiler skips it)
 HERE = [b for b in BACKENDS if b != "auto" and (b != "native" or native.compiler_found())]
@@ -90,7 +85,7 @@ def test_backends_equal_each_other_and_reference(skew, H):
     expert_TK, gate_TK = routing(T, E, k, 1, skew)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(2))
     results = {}
-    for backend in [b for b in HERE if b != "padded"]:
+    for backend in HERE:
         ex = make(E, D, H, backend)
         assert ex.path(x) == backend
         results[backend] = run(ex, x, expert_TK, gate_TK)
@@ -147,7 +142,7 @@ def test_grouped_mm_support_checks_alignment_and_dtype():
     assert grouped_mm_supported(torch.randn(3, 16), ex.w_gate_up_EDH, ex.w_down_EHD)
     odd = make(4, 6, 3, "auto")  # 6 fp32 = 24-byte rows: not 16-byte aligned
     assert not grouped_mm_supported(torch.randn(3, 6), odd.w_gate_up_EDH, odd.w_down_EHD)
-    assert not odd.use_grouped_mm(torch.randn(3, 6))
+    assert odd.path(torch.randn(3, 6)) != "grouped_mm"
     assert not grouped_mm_supported(
         torch.randn(3, 16, dtype=torch.float64),
         ex.w_gate_up_EDH.double(),
@@ -209,7 +204,10 @@ def test_gate_placement_gradcheck(backend, in_combine, bags, monkeypatch):
     import moesaic.model.dispatch as d
 
     monkeypatch.setattr(d, "gates_in_combine", lambda experts, native=False: in_combine)
-    monkeypatch.setattr(d, "_bag_sums", lambda t: bags)
+    import moesaic.model.rows as r
+
+    monkeypatch.setattr(d, "bag_sums", lambda t: bags)
+    monkeypatch.setattr(r, "bag_sums", lambda t: bags)
     E, D, H = 3, 4, 3
     expert_TK = torch.tensor([[0, 1], [1, 0], [0, 2], [0, 1], [2, 0], [1, 2], [0, 1]])
     assert dispatch_gradcheck(make(E, D, H, backend).double(), expert_TK, D)
@@ -241,7 +239,7 @@ def test_gates_in_combine_picks_the_narrower_side():
 
 
 def test_swiglu_backward_matches_autograd():
-    from moesaic.model.dispatch import swiglu
+    from moesaic.model.experts import swiglu
 
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(swiglu, (x,))
@@ -250,84 +248,8 @@ def test_swiglu_backward_matches_autograd():
 
 
 def test_swiglu_with_gate_scale_backward_matches_autograd():
-    from moesaic.model.dispatch import swiglu
+    from moesaic.model.experts import swiglu
 
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     s = torch.rand(5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(swiglu, (x, s))
-
-
-@pytest.mark.parametrize("skew", [False, True])
-@pytest.mark.parametrize("gated", [True, False])
-def test_padded_backend_equals_grouped_and_reference(skew, gated):
-    """Experts padded to a common capacity (one bmm): same values and gradients."""
-    T, E, k, D, H = 40, 6, 2, 16, 8
-    expert_TK, gate_TK = routing(T, E, k, 5, skew)
-    if not gated:
-        gate_TK = torch.ones_like(gate_TK)
-    x = torch.randn(T, D, generator=torch.Generator().manual_seed(6))
-    padded = make(E, D, H, "padded")
-    from moesaic.model.dispatch import sort_by_expert as sort
-
-    capacity = padded.padded_capacity(x, sort(expert_TK, E))
-    assert capacity == int(torch.bincount(expert_TK.flatten(), minlength=E).max())
-    yp, gp = run(padded, x, expert_TK, gate_TK)
-    assert_same((yp, gp), run(make(E, D, H, "grouped_mm"), x, expert_TK, gate_TK))
-    ref = reference_moe(x, expert_TK, gate_TK, make(E, D, H, "split"))
-    torch.testing.assert_close(yp, ref.detach(), atol=1e-5, rtol=1e-5)
-
-
-def test_padded_without_gates_matches_reference():
-    """No gates (the per-modality FFN): padding slots still contribute nothing."""
-    T, E, D, H = 30, 3, 16, 8
-    expert_TK = torch.tensor([0] * 20 + [2] * 10).unsqueeze(1)  # expert 1 empty, 0 overfull
-    x = torch.randn(T, D)
-    ex = make(E, D, H, "padded")
-    xr = x.clone().requires_grad_(True)
-    y = dispatch(xr, expert_TK, None, ex)
-    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-    ref_ex = make(E, D, H, "split")
-    xs = x.clone().requires_grad_(True)
-    ref = reference_moe(xs, expert_TK, torch.ones(T, 1), ref_ex)
-    (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum().backward()
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(xr.grad, xs.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        ex.w_gate_up_EDH.grad, ref_ex.w_gate_up_EDH.grad, atol=1e-5, rtol=1e-5
-    )
-    assert ex.w_gate_up_EDH.grad[1].abs().sum() == 0
-
-
-def test_auto_pads_only_multithreaded_balanced_and_small_experts(monkeypatch):
-    monkeypatch.setenv("MOESAIC_NATIVE", "0")  # auto's choice among the PyTorch paths
-    E, D, H, k = 4, 16, 8, 2
-    ex = make(E, D, H, "auto")
-    balanced = torch.arange(200 * k).remainder(E).view(200, k)  # 100 rows per expert
-    skewed = torch.tensor([[0, 1]] * 150 + [[1, 2]] * 50)  # counts 150, 200, 50, 0
-    small = balanced[:8]
-    x = torch.randn(200, D)
-    threads = torch.get_num_threads()
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    try:
-        torch.set_num_threads(1)
-        assert ex.padded_capacity(x, sort_by_expert(balanced, E)) is None
-        torch.set_num_threads(2)
-        assert ex.padded_capacity(x, sort_by_expert(balanced, E)) == 100
-        assert ex.padded_capacity(x, sort_by_expert(skewed, E)) is None  # 2x padding
-        assert ex.padded_capacity(x[:8], sort_by_expert(small, E)) is None  # 4 rows/expert
-        assert make(E, D, H, "grouped_mm").padded_capacity(x, sort_by_expert(balanced, E)) is None
-        monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # cheap parallel regions:
-        assert ex.padded_capacity(x, sort_by_expert(balanced, E)) == 100  # small experts pad
-        wide = make(E, 256, 256, "auto")  # 100 rows x 256 x 512 = 13.1M MACs per expert
-        assert wide.padded_capacity(x, sort_by_expert(balanced, E)) is None  # large ones do not
-        monkeypatch.delenv("OMP_WAIT_POLICY")
-        y2, g2 = run(
-            ex, x, balanced, torch.rand(200, k, generator=torch.Generator().manual_seed(1))
-        )
-    finally:
-        torch.set_num_threads(threads)
-    y1, g1 = run(ex, x, balanced, torch.rand(200, k, generator=torch.Generator().manual_seed(1)))
-    torch.testing.assert_close(y2, y1, atol=1e-6, rtol=1e-5)
-    for a, b in zip(g2, g1, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -212,7 +212,8 @@ def _save_sharded(root: str, ep: int) -> dict:
     D.parallelize(model, DistConfig(expert_parallel=ep), torch.device("cpu"))
     opt = build_optimizer(model, _train_cfg())
     _one_step(model, opt, dist.get_rank())
-    state = {"config_fingerprint": "f", "data": {"rank": dist.get_rank()}, "trainer": {"n": 1}}
+    data = {"rank": dist.get_rank(), "rows": 2}
+    state = {"config_fingerprint": "f", "data": data, "trainer": {"skipped_steps": 0}}
     rng = {"cpu": torch.get_rng_state()}
     path = C.save_sharded_checkpoint(root, 1, model, opt, rng, state, keep=2)
     weights = C.full_model_state(model)
@@ -241,9 +242,9 @@ def test_sharded_checkpoint_reshards_across_world_and_expert_parallel_sizes(tmp_
     from moesaic.train import dist_checkpoint as C
 
     saved = run_distributed(_save_sharded, 2, str(tmp_path), 2)[0]
-    found = C.verify_sharded(saved["path"], "f")
+    found = C.verify_any(saved["path"], "f")  # files, fingerprint, optimizer step counters
     assert found.step == 1 and found.state["world_size"] == 2
-    assert found.state["data"] == [{"rank": 0}, {"rank": 1}]
+    assert found.state["data"] == [{"rank": 0, "rows": 2}, {"rank": 1, "rows": 2}]
     _assert_same(load_file(f"{saved['path']}/model.safetensors"), saved["weights"])
     assert set(load_file(f"{saved['path']}/rng.safetensors")) == {"cpu/0", "cpu/1"}
 

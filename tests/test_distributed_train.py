@@ -40,7 +40,7 @@ def _resume(run_dir: str, steps: int) -> dict:
     """Resume on every rank; the eval losses right after loading, then the finished run."""
     trainer = Trainer(load_run_config(Path(run_dir), [f"train.steps={steps}"]), run_dir, True)
     try:
-        loaded = trainer.evaluate()
+        loaded = trainer.evaluate()[0]
         return {"loaded": loaded, "summary": trainer.run(), "world": trainer.world.world_size}
     finally:
         trainer.close()

@@ -2,6 +2,7 @@
 and a clear fallback or error when it cannot be built."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from model_utils import dispatch_gradcheck
 
 from moesaic.errors import ConfigError
 from moesaic.model import native
-from moesaic.model.dispatch import Experts, dispatch
+from moesaic.model.dispatch import dispatch
+from moesaic.model.experts import Experts, native_experts
 
 needs_compiler = pytest.mark.skipif(
     not native.compiler_found(), reason="no C++ compiler to build the kernel with"
@@ -100,7 +102,7 @@ def test_native_gradcheck(case, threads):
     scale.requires_grad_(True)
 
     def f(x, w1, w2, scale):
-        return native.experts(x, w1, w2, counts_E, scale)
+        return native_experts(x, w1, w2, counts_E, scale)
 
     assert torch.autograd.gradcheck(f, (x, w1, w2, scale))
     assert torch.autograd.gradcheck(lambda x, w1, w2: f(x, w1, w2, None), (x, w1, w2))
@@ -137,8 +139,10 @@ def test_turned_off_auto_uses_pytorch_paths_and_native_is_refused(monkeypatch):
         Experts(4, 16, 8, "native")
 
 
-def test_failed_build_falls_back_once_with_a_one_line_reason(monkeypatch):
+def test_failed_build_falls_back_once_with_a_one_line_reason(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
+
+    monkeypatch.setenv("MOESAIC_NATIVE_DIR", str(tmp_path))  # no finished build to load
 
     calls = []
 
@@ -172,8 +176,8 @@ def test_native_refuses_other_devices():
     ex = experts(2, 8, 4, "native")
     x, w1, w2 = (t.detach().to("meta") for t in (torch.empty(3, 8), *ex.parameters()))
     with pytest.raises(ConfigError, match="runs on CPU only"):
-        ex.use_native(x, w1, w2)
-    assert not experts(2, 8, 4, "auto").use_native(x, w1, w2)
+        native.chosen(ex.backend, x, w1, w2)
+    assert not native.chosen("auto", x, w1, w2)
 
 
 @needs_compiler
@@ -185,18 +189,19 @@ def test_kernel_checks_counts():
 
 @needs_compiler
 @pytest.mark.parametrize("counts", [[5, 0, 7], [0, 0, 0]])
-def test_expert_parallel_local_experts_take_the_kernel(counts, monkeypatch):
-    """A rank's local experts (possibly without rows) run on the kernel and equal the loop."""
-    from moesaic.train import expert_parallel
+def test_compute_with_given_weights_takes_the_kernel(counts, monkeypatch):
+    """`Experts.compute` (what expert parallelism runs a rank's local experts through, possibly
+    without rows) takes the kernel on CPU and equals the loop."""
+    from moesaic.model import experts as experts_module
 
-    ex = experts(len(counts), 8, 4, "split")
+    ex = experts(len(counts), 8, 4, "auto")
     x, counts_E, scale = rows_and_counts(counts, 8)
     w1, w2 = ex.w_gate_up_EDH, ex.w_down_EHD
     calls = []
-    real = native.experts
-    monkeypatch.setattr(native, "experts", lambda *a: calls.append(1) or real(*a))
-    got = expert_parallel.local_experts(x, counts_E, scale, w1, w2, "auto")
-    want = expert_parallel.local_experts(x, counts_E, scale, w1, w2, "split")
+    real = experts_module.native_experts
+    monkeypatch.setattr(experts_module, "native_experts", lambda *a: calls.append(1) or real(*a))
+    got = ex.compute(x, w1, w2, counts_E, scale)
+    want = experts(len(counts), 8, 4, "split").compute(x, w1, w2, counts_E, scale)
     assert calls == [1] and got.shape == (sum(counts), 8)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -263,7 +268,7 @@ def test_counting_sort_equals_stable_argsort(T, k, E):
     expert_TK = torch.randint(0, max(1, E // 2), (T, k), generator=g)  # some experts get none
     want = sort_by_expert(expert_TK, E)
     got = sort_by_expert(expert_TK, E, counting=True)
-    for name in ("order_S", "token_S", "inverse_S", "counts_E", "expert_S"):
+    for name in ("order_S", "token_S", "inverse_S", "counts_E"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     with pytest.raises(RuntimeError, match="out of range"):
         sort_by_expert(torch.full((2, 1), E), E, counting=True)
@@ -296,3 +301,88 @@ def test_dispatch_on_the_kernel_in_the_region(in_combine, threads, monkeypatch):
     T, D, H = 16, 4, 3
     expert_TK = torch.arange(T * k).remainder(E).view(T, k)
     assert dispatch_gradcheck(experts(E, D, H, "native", torch.float64), expert_TK, D)
+
+
+# ------------------------------------------------------------------------------- the build cache
+
+
+@pytest.fixture
+def fake_builds(tmp_path, monkeypatch):
+    """`cpp_extension.load` replaced by a fake that records each build and writes a stand-in
+    library; loading a built library directly returns a stand-in module."""
+    import types
+
+    from torch.utils import cpp_extension
+
+    builds, imports = [], []
+
+    def fake_load(name, sources, extra_cflags, build_directory, verbose):
+        builds.append({"sources": sources, "dir": build_directory})
+        library = Path(build_directory) / f"{name}.so"
+        library.write_bytes(b"library")
+        return types.SimpleNamespace(__file__=str(library))
+
+    def fake_import(path):
+        imports.append(Path(path))
+        return types.SimpleNamespace(__file__=str(path))
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(native, "_import_library", fake_import)
+    monkeypatch.setenv("MOESAIC_NATIVE_DIR", str(tmp_path / "native"))
+    return builds, imports
+
+
+def _source(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_checkouts_with_the_same_source_share_one_build(tmp_path, monkeypatch, fake_builds):
+    """Two checkouts (two source paths, same content) build once; the second loads the first's
+    library. The build compiles a copy of the source inside the content-keyed directory."""
+    builds, imports = fake_builds
+    one = _source(tmp_path / "checkout-a" / "experts.cpp", "int kernel() { return 1; }\n")
+    two = _source(tmp_path / "checkout-b" / "experts.cpp", "int kernel() { return 1; }\n")
+    monkeypatch.setattr(native, "SOURCE", one)
+    native._build()
+    monkeypatch.setattr(native, "SOURCE", two)
+    native._build()
+    directory = native.build_dir()
+    assert len(builds) == 1 and builds[0]["dir"] == str(directory)
+    assert builds[0]["sources"] == [str(directory / "experts.cpp")]
+    assert (directory / "experts.cpp").read_text() == one.read_text()
+    assert imports == [directory / "moesaic_experts.so"]
+
+    two.write_text("int kernel() { return 2; }\n")  # an edited kernel builds anew, elsewhere
+    native._build()
+    assert len(builds) == 2 and builds[1]["dir"] != builds[0]["dir"]
+    assert Path(builds[1]["sources"][0]).read_text() == two.read_text()
+
+
+def test_a_second_builder_waits_for_the_first_then_loads_its_build(
+    tmp_path, monkeypatch, fake_builds
+):
+    """While another process holds the build lock, `_build` waits; once that builder has
+    finished and released the lock, it loads that library instead of compiling again."""
+    import fcntl
+    import json
+    import threading
+
+    builds, imports = fake_builds
+    monkeypatch.setattr(native, "SOURCE", _source(tmp_path / "src" / "experts.cpp", "int k;\n"))
+    directory = native.build_dir()
+    directory.mkdir(parents=True)
+    other = open(directory / "build.lock", "a")  # noqa: SIM115 (the other builder's handle)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    waiter = threading.Thread(target=native._build)
+    waiter.start()
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive(), "_build did not wait for the lock"
+    (directory / "moesaic_experts.so").write_bytes(b"library")  # the other builder finishes
+    (directory / native.BUILT).write_text(json.dumps({"library": "moesaic_experts.so"}))
+    fcntl.flock(other, fcntl.LOCK_UN)
+    other.close()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    assert builds == [] and imports == [directory / "moesaic_experts.so"]

@@ -5,15 +5,15 @@ import re
 import numpy as np
 import pytest
 import torch
+from render_check import check_rendering, find_chromium
 
 from moesaic.analysis import sparsity
 from moesaic.analysis.specialization import routing_specialization
-from moesaic.analysis.tax import LOSS_METRICS, tax_difference, tax_table
+from moesaic.analysis.tax import LOSS_METRICS, tax_cell
 from moesaic.jsonsafe import json_safe
 from moesaic.report import plots
 from moesaic.report.html import HtmlReport
-from moesaic.report.render_check import check_rendering, find_chromium
-from moesaic.report.study import plain_summary, study_report
+from moesaic.report.study import study_report, verdicts
 
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(
@@ -53,77 +53,100 @@ def _records(steps, text, image, rng):
     return recs
 
 
-def synthetic_study():
-    """A summary in the summary.json schema, curves and analyses, from hand-built numbers."""
+def synthetic_study(root):
+    """A summary.json-shaped study from hand-built numbers, with run directories under `root`
+    holding metrics.jsonl (loss curves) and the MoE arm's analysis.json."""
+    import json
+
+    from moesaic.analysis.stats import paired, with_holm
+
     rng = np.random.default_rng(0)
-    results = {}
+    arms, taxes = {}, {}
     for i, arm in enumerate(ARMS):
-        u = {"text/text": [3.0, 3.1], "ood_text/text": [4.0, 4.2], "image/image": [1.0, 1.1]}
-        results[arm] = {
-            "text": {k: v for k, v in u.items() if "text" in k},
-            "image": {"image/image": u["image/image"]},
-            "joint": {k: [x * (1.05 - 0.03 * i) for x in v] for k, v in u.items()}
-            | {"caption/text": [2.5, 2.6]},
-        }
-    table = tax_table(results)
-    arms = {
-        arm: {
+        cells = {}
+        for m in LOSS_METRICS:
+            u = {"text": [3.0, 3.1, 3.05], "image": [1.0, 1.1, 1.05]}.get(m.modality)
+            j = [x * (1.05 - 0.03 * i) + 0.001 * k for k, x in enumerate(u or [2.5, 2.6, 2.55])]
+            cell = tax_cell(m, u if m.modality else [], j)
+            cells[m.key] = cell.to_dict()
+            taxes[(arm, m.key)] = list(cell.tax.values)
+        runs = {}
+        for variant, (text, image, steps) in {
+            "text": (True, False, 30),
+            "image": (False, True, 30),
+            "joint": (True, True, 30),
+        }.items():
+            d = root / f"{arm}-{variant}-s0"
+            d.mkdir(parents=True)
+            lines = [json.dumps(r) for r in _records(steps, text, image, rng)]
+            (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+            runs[variant] = [str(d)]
+        arms[arm] = {
             "description": f"<{arm}> & co",
             "params_total": 1e6 * (i + 1),
             "params_active": 1e6,
             "ffn_params_total": 3e5 * (i + 1),
             "ffn_params_active": 3e5,
             "flops_per_token": 6e6,
-            "train_flops": {"text": 1e12, "image": 1e12, "joint": 2e12, "study": 4e12},
-            "runs": {},
-            "metrics": {k: c.to_dict() for k, c in table[arm].items()},
-            "tax_minus_baseline": {
-                k: tax_difference(table, arm, "dense", k).to_dict()
-                for k in ("text/text", "image/image")
-            },
+            "train_flops": {"study": 4e12},
+            "runs": runs,
+            "metrics": cells,
         }
-        for i, arm in enumerate(ARMS)
-    }
-    summary = json_safe({
-        "schema": "moesaic-compete/1",
-        "study": {"name": "synthetic <study>", "description": "a <b>test</b> study", "seeds": 2,
-                  "arms": list(ARMS)},
-        "seeds": [0, 1],
-        "metrics": {m.key: {"label": m.label, "modality": m.modality,
-                            "higher_is_better": m.higher_is_better} for m in LOSS_METRICS},
-        "data": {"steps": {"text": 30, "image": 30, "joint": 60},
-                 "mix": {"text": {"text": 1.0}, "image": {"caption_image": 0.75, "image": 0.25}},
-                 "coverage": {"0": {"ratio": {"text": 1.0, "image": 0.99}}},
-                 "caption_shift": {"unigram_js": 0.3, "bigram_js": 0.6, "register": "terse"}},
-        "arms": arms,
-        "least_tax": {"text/text": "moe", "ood_text/text": "moe", "image/image": "moe"},
-    })  # fmt: skip
-    curves = {
+    comparisons = {
         arm: {
-            "text": _records(30, True, False, rng),
-            "image": _records(30, False, True, rng),
-            "joint": _records(60, True, True, rng),
+            k: t.to_dict()
+            for k, t in with_holm(
+                {
+                    m.key: paired(taxes[(arm, m.key)], taxes[("dense", m.key)])
+                    for m in LOSS_METRICS
+                    if m.modality
+                }
+            ).items()
         }
-        for arm in ARMS
+        for arm in ARMS[1:]
     }
     h = torch.randn(50, 16)
     sets = {"text": [sparsity.summarize(h)] * 2, "ood_text": [sparsity.summarize(h**3)] * 2}
-    analyses = {
-        arm: json_safe({
-            "specialization": routing_specialization(_routing(rng), k=2) if arm == "moe" else None,
+    analysis = json_safe(
+        {
+            "specialization": routing_specialization(_routing(rng), k=2),
             "sparsity": {"sets": sets, "ood_minus_id": sparsity.compare(sets, "text", "ood_text")},
-        })
-        for arm in ARMS
-    }  # fmt: skip
-    return summary, curves, analyses
+        }
+    )
+    (root / "moe-joint-s0" / "analysis.json").write_text(json.dumps(analysis))
+    summary = json_safe(
+        {
+            "schema": "moesaic-study/1",
+            "experiment": "tax",
+            "study": {
+                "name": "synthetic <study>",
+                "description": "a <b>test</b> study",
+                "seeds": 3,
+                "arms": list(ARMS),
+            },
+            "seeds": [0, 1, 2],
+            "metrics": {m.key: m.to_dict() for m in LOSS_METRICS},
+            "match": "steps",
+            "arms": arms,
+            "comparisons": comparisons,
+            "fairness": {"match": "steps", "equal_steps": True, "equal_tokens": True, "runs": {}},
+            "noise": {"text/text": {"eval_se_tax": 0.01, "seed_sd_tax": 0.1, "ratio": 0.1}},
+            "specialization": {"moe": {"fraction_text": {"mean": 0.5, "ci95": [0.4, 0.6], "n": 3}}},
+            "analysis_first_seed": {"moe": str(root / "moe-joint-s0")},
+            "data": {
+                "image_mix": {"caption_image": 0.75, "image": 0.25},
+                "caption_shift": {"unigram_js": 0.3, "bigram_js": 0.6, "register": "terse"},
+            },
+        }
+    )
+    return summary
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    summary, curves, analyses = synthetic_study()
-    path = study_report(summary, curves, analyses).write(
-        tmp_path_factory.mktemp("report") / "report.html"
-    )
+    root = tmp_path_factory.mktemp("report")
+    summary = synthetic_study(root / "runs")
+    path = study_report(summary, root).write(root / "report.html")
     return summary, path
 
 
@@ -135,16 +158,27 @@ def test_report_is_self_contained_and_escaped(report):
     # no external resources: every src is a data URI, no http(s) URL or CSS url() anywhere
     srcs = re.findall(r'src="([^"]*)"', page)
     assert len(srcs) >= 6 and all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert not re.search(r"https?://", page) and "url(" not in page
-    # the plain-language summary names the arm with the least tax
-    lines = plain_summary(summary)
-    assert lines[0].startswith("text CE (in-distribution): 'moe' pays the least tax")
-    assert "'dense' the most" in lines[0]
-    assert "Tax relative to dense (paired by seed)" in page and "-3.00 ± 0.00 * pp" in page
+    assert not re.search(r"https?://", page) and "url(" not in page and "<script" not in page
+
+
+def test_verdicts_follow_the_intervals(report):
+    summary, path = report
+    lines = verdicts(summary)
+    text = next(line for line in lines if line.startswith("text CE (in-distribution)"))
+    # dense's joint runs are 5 % worse at every seed (interval excludes 0), moe's 1 % better
+    assert "dense +5.03 [+4.95, +5.11]% (competition)" in text
+    assert "moe -0.97 [-1.05, -0.89]% (synergy)" in text
+    moe = next(line for line in lines if line.startswith("moe vs dense"))
+    holm = summary["comparisons"]["moe"]["text/text"]["p_holm"]
+    assert ("differs" if holm < 0.05 else "not distinguishable") in moe.split(";")[0]
+    page = path.read_text()
+    assert "Each arm against dense (paired by seed)" in page and "p (Holm)" in page
 
 
 def test_figures_tolerate_missing_values():
-    fig = plots.tax_bars({"a": {"text/text": {"mean": None, "std": None}}}, {"text/text": "t"})
+    fig = plots.tax_bars(
+        {"a": {"text/text": {"mean": None, "ci95": [None, None]}}}, {"text/text": "t"}
+    )
     r = HtmlReport("x")
     r.figure(fig, "empty bars")
     assert "data:image/png;base64," in r.html()

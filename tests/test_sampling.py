@@ -162,10 +162,6 @@ def test_text_sampling_is_deterministic_given_a_seed(run, sampler):
 
 
 def test_cached_and_uncached_greedy_decoding_are_identical(run, sampler):
-    import moesaic.model.transformer as transformer
-
-    if not hasattr(transformer, "KVCache"):
-        pytest.skip("no KV cache in the model yet")
     images = _images(run, 3)
     kw = {"max_new_tokens": 12}
     cached = sampler.captions(images, TextSampling(use_cache=True, **kw))
@@ -227,6 +223,67 @@ def test_sample_cli_errors_are_one_line(run_dir, tmp_path, capsys):
         assert main(["sample", *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize(
+    ("suffix", "fmt", "magic"),
+    [(".png", "PNG", b"\x89PNG"), (".jpg", "JPEG", b"\xff\xd8"), (".JPEG", "JPEG", b"\xff\xd8"),
+     (".webp", "WEBP", b"RIFF"), (".bmp", "BMP", b"BM"), (".tif", "TIFF", b"II")],
+)  # fmt: skip
+def test_out_is_written_in_the_format_its_suffix_names(tmp_path, suffix, fmt, magic):
+    from PIL import Image
+
+    from moesaic.commands.sample import write_image
+
+    image = render(sample_scene(random.Random(1), "val"), 16)
+    out = tmp_path / "deeper" / f"s{suffix}"
+    write_image(image, out, 2)
+    assert out.read_bytes().startswith(magic)
+    with Image.open(out) as im:
+        assert im.format == fmt and im.size == (32, 32)
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+
+
+def test_sample_refuses_bad_outputs_and_inputs_in_one_line(run_dir, tmp_path, capsys):
+    from tests.image_files import bomb_png
+
+    (tmp_path / "adir.png").mkdir()
+    (tmp_path / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
+    cases = [
+        (["--prompt", "x", "--out", str(tmp_path / "s.xyz")], "has no image suffix"),
+        (["--prompt", "x", "--out", str(tmp_path / "noext")], "has no image suffix"),
+        (["--prompt", "x", "--out", str(tmp_path / "adir.png")], "is a directory"),
+        (["--image", str(tmp_path / "bomb.png")], "downscale it first"),
+        (["--image", str(tmp_path)], "is not a file"),
+    ]
+    for args, fragment in cases:
+        assert main(["sample", str(run_dir), *args, "--steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.png", "bomb.png"]
+
+
+def test_sample_warns_when_the_run_never_saw_images(run_dir, tmp_path, capsys):
+    from moesaic.data.sources import saw_images
+
+    text_only = micro_run_dir(tmp_path / "t", "data.mix={text: 1}")
+    out = tmp_path / "s.png"
+    args = ["--prompt", "x", "--out", str(out), "--steps", "1", "--scale", "1"]
+    assert main(["sample", str(text_only), *args]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ") and "never saw images" in err
+    assert main(["sample", str(run_dir), *args]) == 0
+    assert capsys.readouterr().err == ""
+    cfg = run_dir_config(run_dir)
+    assert saw_images(cfg) and not saw_images(dataclasses.replace(cfg, source="text"))
+    assert not saw_images(dataclasses.replace(cfg, mix={"text": 1.0, "image": 0.0}))
+    assert saw_images(dataclasses.replace(cfg, source="folder", mix={"image": 0.5}))
+
+
+def run_dir_config(run_dir):
+    from moesaic.config import load_config
+
+    return load_config(run_dir / "config.yaml").data
 
 
 def test_kv_cache_chunks_equal_one_forward(run, sampler):

@@ -209,16 +209,26 @@ def test_run_tasks_on_a_micro_model():
 
 
 def test_eval_cli_writes_tasks_and_keeps_losses(tmp_path, capsys):
+    from moesaic.evaluate.sampling import ImageSampling, TextSampling
+    from moesaic.evaluate.tasks import chance_levels
+    from moesaic.train.runs import load_run
+
     run_dir = micro_run_dir(tmp_path)
     args = ["eval", str(run_dir), "--tasks", "caption,vqa", "--n", "2", "--steps", "2"]
     assert main(args) == 0
     result = json.loads((run_dir / "eval.json").read_text())
-    assert {"step", "losses", "tasks", "chance", "task_options"} <= set(result)
-    assert "image/image" in result["losses"]
-    assert "caption/exact" in result["tasks"] and "vqa/accuracy" in result["tasks"]
-    assert set(result["chance"]) == set(result["tasks"]) - {"t2i/parser_confidence"}
+    run = load_run(run_dir, "cpu")
+    assert result["step"] == run.step and result["checkpoint"] == str(run.checkpoint)
+    assert result["losses"] == pytest.approx(run.eval_losses())
+    seed = run.cfg.eval.seed
+    image_opts = ImageSampling(steps=2, cfg_scale=3.0, seed=seed)
+    want = run_tasks(run, ["caption", "vqa"], 2, seed, "test", image_opts, TextSampling(seed=seed))
+    assert result["tasks"] == pytest.approx(want)
+    chance = chance_levels(2, seed, "test", run.cfg.data.caption_register)
+    assert result["chance"] == pytest.approx({k: chance[k] for k in want if k in chance})
     assert main(["eval", str(run_dir)]) == 0
-    assert set(json.loads((run_dir / "eval.json").read_text())) == {"step", "losses"}
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert "tasks" not in again and again["losses"] == result["losses"]
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--tasks", "cap"]) == 2
     assert capsys.readouterr().err.count("\n") == 1

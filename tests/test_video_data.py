@@ -300,7 +300,7 @@ def test_video_config_is_checked():
              "model.ffn.video_ffn=own"],
         )  # fmt: skip
     cfg = load_config("tiny", ["data.video.min_frames=2", "data.video.max_frames=3"])
-    assert WorldSource("train", "terse", 16, (2, 3)).frames == (2, 3)
+    assert WorldSource("train", "terse", 16, frames=(2, 3)).frames == (2, 3)
     assert (cfg.data.video.min_frames, cfg.data.video.max_frames) == (2, 3)
 
 

@@ -158,3 +158,67 @@ def test_generator_registry_is_the_extension_point():
     rec = generators.GENERATORS["scene"](random.Random(0), "train", "plain", 16)
     assert rec.images[0].shape == (16, 16, 3) and rec.text and rec.scene is not None
     assert parse_scene(rec.images[0]).scene == rec.scene
+
+
+# ------------------------------------------------------------------ data.max_objects
+
+
+@pytest.mark.parametrize("max_objects, size", [(6, 16), (9, 16), (9, 32)])
+def test_parser_exact_with_more_objects(max_objects, size):
+    rng = random.Random(max_objects)
+    truth = [scenes.sample_scene(rng, ("train", "val", "test")[i % 3], max_objects)
+             for i in range(600)]  # fmt: skip
+    counts = [len(s.objects) for s in truth]
+    assert max(counts) == max_objects and min(counts) == 1
+    parsed = parse_scenes(np.stack([scenes.render(s, size) for s in truth]), max_objects)
+    assert [p.scene for p in parsed] == truth
+    assert min(p.confidence for p in parsed) > 0.999
+
+
+def test_more_objects_keep_splits_and_captions_whole():
+    rng = random.Random(0)
+    for split in ("train", "val", "test"):
+        group = [scenes.sample_scene(rng, split, 7) for _ in range(300)]
+        assert all(s.split() == split for s in group)
+        for scene in group[:100]:
+            cap = captions.caption(scene, "natural", rng)
+            assert all(_mentions(cap, o, "natural") for o in scene.objects), cap
+
+
+def test_max_objects_default_is_todays_world():
+    a = [scenes.sample_scene(random.Random(i), "val") for i in range(200)]
+    b = [scenes.sample_scene(random.Random(i), "val", scenes.MAX_OBJECTS) for i in range(200)]
+    assert a == b and max(len(s.objects) for s in a) == 3
+
+
+def test_max_objects_reaches_the_stream():
+    from moesaic.config import load_config
+
+    cfg = load_config("tiny", ["data.max_objects=8"]).data
+    source = generators.WorldSource.from_config(cfg, "train")
+    for kind in ("caption_image", "image_caption", "vqa", "image"):
+        recs = [source.record(kind, i, random.Random(i)) for i in range(200)]
+        assert max(len(r.scene.objects) for r in recs) == 8, kind
+        assert all(parse_scene(r.images[0], 8).scene == r.scene for r in recs)
+
+
+def test_default_parser_reads_the_background_from_the_median():
+    """150 of 256 pixels black, the others a blue far from black: the median says black, a
+    least-squares fit of the background says navy. Up to 4 objects the parser keeps the median
+    rule."""
+    far = scenes.to_unit(np.array([90.0, 90.0, 250.0], dtype=np.float32))
+    black = np.random.default_rng(0).permutation(256) < 150
+    img = np.where(black.reshape(16, 16, 1), scenes.BACKGROUND_UNIT[0], far)
+    assert parse_scene(img).scene.background == 0
+    assert parse_scene(img, 4).scene.background == 0
+    assert parse_scene(img, 9).scene.background == scenes.BACKGROUNDS.index("navy")
+
+
+@pytest.mark.parametrize("value", [0, 10])
+def test_bad_max_objects_names_value_and_fix(value):
+    from moesaic.config import load_config
+
+    with pytest.raises(ConfigError, match=rf"data.max_objects={value} must be in \[1, 9\]"):
+        load_config(None, [f"data.max_objects={value}"])
+    with pytest.raises(ConfigError, match=rf"max_objects={value}"):
+        scenes.sample_scene(random.Random(0), "train", value)

@@ -12,7 +12,7 @@ image→caption) are passed through the model once each, with routing counters r
   (`tokens="all"`) or the last one of each document's run of such positions (`tokens="last"`,
   e.g. the final token of a text document, the last patch of an image).
 
-Writes `RUN_DIR/analysis.json` and PNG figures under `RUN_DIR/analysis/`.
+Writes `RUN_DIR/analysis.json`; the figures are drawn by `report/`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from moesaic.analysis import sparsity
 from moesaic.analysis.specialization import routing_specialization, time_cv_per_expert
 from moesaic.batch import Batch, DocKind, Modality
 from moesaic.errors import ConfigError
+from moesaic.files import atomic_write_text
 from moesaic.jsonsafe import json_safe
+from moesaic.train.runs import load_run
 
 # eval set -> modality whose hidden vectors are measured
 SPARSITY_SETS = {"text": Modality.TEXT, "ood_text": Modality.TEXT, "image": Modality.IMAGE}
@@ -95,13 +97,8 @@ def collect(
     return total, per_set, sparse
 
 
-def routed_k(ffn_cfg: Any) -> int:
-    """Routed experts per token (shared experts are always on and not routed)."""
-    return ffn_cfg.active_experts - (0 if ffn_cfg.shared == "none" else 1)
-
-
 def analyze_loaded(run: Any, batches: int | None = None, tokens: str = "last") -> dict[str, Any]:
-    """Specialisation + sparsity of a `moesaic.evaluate.runs.LoadedRun`."""
+    """Specialisation + sparsity of a `moesaic.train.runs.LoadedRun`."""
     sets = run.eval_sets(batches)
     with run.autocast():
         total, per_set, sparse = collect(run.model, sets, run.device, tokens)
@@ -124,7 +121,7 @@ def analyze_loaded(run: Any, batches: int | None = None, tokens: str = "last") -
     if "text" in sparse and "ood_text" in sparse:
         result["sparsity"]["ood_minus_id"] = sparsity.compare(sparse, "text", "ood_text")
     if total:
-        k = routed_k(ffn) if ffn.kind == "moe" else None
+        k = ffn.routed_experts if ffn.kind == "moe" else None
         spec = routing_specialization(total, k)
         gen = per_set.get("image")
         if gen is not None:
@@ -146,32 +143,19 @@ def _mean(values: Any) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def write_analysis(run_dir: Path, result: dict[str, Any], plots: bool = True) -> Path:
-    """analysis.json (+ figures under analysis/) in the run directory."""
-    from moesaic.files import atomic_write_text
-
-    run_dir = Path(run_dir)
-    safe = json_safe(result)
-    path = run_dir / "analysis.json"
-    atomic_write_text(path, json.dumps(safe, indent=1, allow_nan=False))
-    if plots:
-        from moesaic.report.plots import save_analysis_figures
-
-        save_analysis_figures(safe, run_dir / "analysis", title=run_dir.name)
+def write_analysis(run_dir: Path, result: dict[str, Any]) -> Path:
+    """Write `RUN_DIR/analysis.json` (NaN/inf as null)."""
+    path = Path(run_dir) / "analysis.json"
+    atomic_write_text(path, json.dumps(json_safe(result), indent=1, allow_nan=False))
     return path
 
 
 def analyze_run(
-    run_dir: str | Path,
-    batches: int | None = None,
-    tokens: str = "last",
-    device: str = "auto",
-    plots: bool = True,
+    run_dir: str | Path, batches: int | None = None, tokens: str = "last", device: str = "auto"
 ) -> dict[str, Any]:
-    """Load the run's latest checkpoint, analyse it, write analysis.json; returns the result."""
-    from moesaic.evaluate.runs import load_run
-
+    """Load the run's latest checkpoint, analyse it, write analysis.json; returns the result
+    (JSON-safe). Figures are drawn by `moesaic.report.plots.save_analysis_figures`."""
     run = load_run(Path(run_dir), device)
-    result = analyze_loaded(run, batches, tokens)
-    write_analysis(Path(run_dir), result, plots)
-    return json_safe(result)
+    result = json_safe(analyze_loaded(run, batches, tokens))
+    write_analysis(Path(run_dir), result)
+    return result

@@ -20,6 +20,11 @@ Definitions (per layer):
   (N_m = 0: a unimodal run says nothing about specialisation).
 * Classes: text (S > 0.5), image (S < −0.5), shared (otherwise); fractions are over the
   experts with a defined S.
+* The null (`null_fractions`): the class fractions a modality-blind router would give at the
+  same token shares and the same expert load. Each modality's N_m·k assignments are drawn from
+  one multinomial over the experts with the layer's observed load p_i = C_i / Σ C, S and the
+  classes computed as above, averaged over `NULL_DRAWS` seeded draws. Finite counts alone make
+  some experts look specialised; the fractions above the null are what routing learned.
 * Routing entropy: H(p) in nats of the load p_i = C_i / Σ C over all tokens, and H / log E
   (1 = perfectly even); also per modality.
 * Load: max_i C_i / mean_i C_i (1 = perfectly balanced, E = everything on one expert).
@@ -47,6 +52,7 @@ from moesaic.batch import DocKind, Modality
 
 TEXT_THRESHOLD = 0.5
 IMAGE_THRESHOLD = -0.5
+NULL_DRAWS = 200
 
 
 def _arr(x: Any) -> np.ndarray:
@@ -95,6 +101,26 @@ def classify(s_E: np.ndarray) -> dict[str, Any]:
     counts["shared"] = n - counts["text"] - counts["image"]
     fractions = {c: (v / n if n else float("nan")) for c, v in counts.items()}
     return {"counts": counts, "fractions": fractions, "unused": int((~defined).sum())}
+
+
+def null_fractions(
+    modality_2E: Any, tokens_2: Any, k: float, draws: int = NULL_DRAWS, seed: int = 0
+) -> dict[str, float]:
+    """Mean class fractions under modality-blind routing at the same load and token shares."""
+    c = _arr(modality_2E)
+    n = _arr(tokens_2)
+    load = c.sum(axis=0)
+    if load.sum() <= 0 or not (n > 0).all() or not k > 0:
+        return {cls: float("nan") for cls in ("text", "image", "shared")}
+    p = load / load.sum()
+    rng = np.random.default_rng(seed)
+    totals = {"text": 0.0, "image": 0.0, "shared": 0.0}
+    for _ in range(draws):
+        sim = np.stack([rng.multinomial(int(round(n_m * k)), p) for n_m in n])
+        frac = classify(specialization_scores(sim, n, k))["fractions"]
+        for cls in totals:
+            totals[cls] += frac[cls] / draws
+    return totals
 
 
 def entropy(counts_E: Any) -> tuple[float, float]:
@@ -180,6 +206,7 @@ def layer_specialization(stats: Mapping[str, Any], k: float | None = None) -> di
         "experts": int(s.shape[0]),
         "S": s.tolist(),
         "classes": classes,
+        "null_fractions": null_fractions(modality, stats["tokens"], k_val),
         "load": (load_E / load_E.sum()).tolist() if load_E.sum() > 0 else load_E.tolist(),
         "entropy": h,
         "entropy_norm": h_norm,
@@ -214,6 +241,9 @@ def routing_specialization(
         for c in ("text", "image", "shared"):
             overall[f"fraction_{c}"] = _nanmean(
                 np.array([v["classes"]["fractions"][c] for v in layers.values()])
+            )
+            overall[f"null_fraction_{c}"] = _nanmean(
+                np.array([v["null_fractions"][c] for v in layers.values()])
             )
     return {"layers": layers, "overall": overall}
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -15,17 +14,14 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "moe": ("moesaic.bench.moe", "one MoE layer vs a FLOP-matched dense FFN and peer MoEs"),
     "train": ("moesaic.bench.train", "training tokens/s and MFU, dense vs MoE"),
     "sample": ("moesaic.bench.sample", "images/s and caption tokens/s; cached vs uncached"),
+    "study": ("moesaic.bench.study", "a study run's steps/s against the FLOP-bound ideal"),
+    "memory": ("moesaic.bench.memory", "n-gram memory's share of a training step"),
 }
-
-
-def available() -> dict[str, tuple[str, str]]:
-    """The registered benchmarks whose module is installed."""
-    return {k: v for k, v in BENCHMARKS.items() if importlib.util.find_spec(v[0]) is not None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
-    for name, (module_name, help_text) in available().items():
+    for name, (module_name, help_text) in BENCHMARKS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)

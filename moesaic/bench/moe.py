@@ -6,7 +6,7 @@ input and output gradient — in this process:
 * `dense`: moesaic's SwiGLU FFN of width k·F (the FLOPs of k experts of width F): the
   reference every ratio is taken against;
 * `moesaic`: the MoE layer as configured by default (`dispatch: auto`), and each dispatch
-  backend forced (`moesaic-native`, `moesaic-grouped`, `moesaic-padded`, `moesaic-split`);
+  backend forced (`moesaic-native`, `moesaic-grouped`, `moesaic-split`);
 * `hf-eager`, `hf-grouped`: Hugging Face transformers' Qwen3-MoE sparse block with its expert
   implementations (when transformers is installed), after checking that its output equals
   moesaic's;
@@ -62,10 +62,10 @@ SHAPES = {
     "fine": Shape("fine", 64, 8, 64, 256, 2048),
     "large": Shape("large", 64, 8, 64, 256, 16384),
 }
-IMPLS = ("dense", "moesaic", "moesaic-native", "moesaic-grouped", "moesaic-padded", "moesaic-split",
+IMPLS = ("dense", "moesaic", "moesaic-native", "moesaic-grouped", "moesaic-split",
          "hf-eager", "hf-grouped", "split-loop", "one-hot")  # fmt: skip
 MOESAIC_BACKENDS = {"moesaic": "auto", "moesaic-native": "native", "moesaic-grouped": "grouped_mm",
-                    "moesaic-padded": "padded", "moesaic-split": "split"}  # fmt: skip
+                    "moesaic-split": "split"}  # fmt: skip
 ONE_HOT_MAX_BYTES = 2**30  # one-hot dispatch/combine tensors larger than this are not run
 
 
@@ -281,7 +281,7 @@ def run_shape(
             **{k: v for k, v in dataclasses.asdict(shape).items() if k != "name"},
         }
         if name in MOESAIC_BACKENDS:
-            row["path"] = moesaic_path(impls[name], x, meta)
+            row["path"] = moesaic_path(impls[name], x)
         rows.append(row)
     for name, why in skipped.items():
         rows.append({"shape": shape.name, "impl": name, "ms": None, "ratio_to_dense": None,
@@ -314,16 +314,9 @@ def _why_absent(name: str, shape: Shape, dtype: torch.dtype) -> str:
     return "not available"
 
 
-def moesaic_path(moe: MoE, x_TD: Tensor, meta: TokenMeta) -> str:
-    """Which expert path the layer takes on this input: padded, native, grouped_mm or split."""
-    from moesaic.model.dispatch import sort_by_expert
-
-    with torch.no_grad():
-        expert_TK = moe.route(x_TD, meta)[2]
-        routing = sort_by_expert(expert_TK, moe.num_experts)
-        if moe.experts.padded_capacity(x_TD, routing) is not None:
-            return "padded"
-        return moe.experts.path(x_TD)
+def moesaic_path(moe: MoE, x_TD: Tensor) -> str:
+    """Which expert path the layer takes on this input: native, grouped_mm or split."""
+    return moe.experts.path(x_TD)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -57,7 +57,7 @@ def _model(args):
     from moesaic.runconfig import resolve_model_dims
 
     if args.run is not None:
-        from moesaic.evaluate.runs import load_run
+        from moesaic.train.runs import load_run
 
         run = load_run(args.run, "cpu")
         return run.model, run.tokenizer, run.cfg, f"run {args.run} (step {run.step})"

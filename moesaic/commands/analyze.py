@@ -26,9 +26,12 @@ def _fmt(v) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from moesaic.analysis.runs import analyze_run
+    from moesaic.report.plots import save_analysis_figures
 
     run_dir = Path(args.run_dir)
-    result = analyze_run(run_dir, args.batches, args.tokens, args.device, not args.no_plots)
+    result = analyze_run(run_dir, args.batches, args.tokens, args.device)
+    if not args.no_plots:
+        save_analysis_figures(result, run_dir / "analysis", title=run_dir.name)
     spec = result.get("specialization")
     if spec:
         print("layer  text  shared  image  entropy/logE  max/mean  r(und,gen)  time-CV")

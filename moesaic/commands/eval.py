@@ -1,7 +1,9 @@
 """`moesaic eval RUN_DIR [--tasks caption,t2i,vqa,world --n 500]`: held-out per-modality losses
 of a run's latest checkpoint and, with `--tasks`, task accuracy (`moesaic.evaluate.tasks`), with
 the chance level of each score next to it (and, for `world`, the copy-the-previous-frame
-baseline). Writes RUN_DIR/eval.json."""
+baseline). Writes RUN_DIR/eval.json, which also says where each eval set came from
+(`eval_sources`: source, reader, paths, split, held-out records, documents in the eval
+batches)."""
 
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.evaluate.runs import load_run
-    from moesaic.train.runtime import set_threads
+    from moesaic.evaluate.losses import eval_losses
+    from moesaic.train.runs import load_run
+    from moesaic.train.runtime import autocast_factory, set_threads
 
     tasks = None
     if args.tasks is not None:
@@ -45,13 +48,26 @@ def run(args: argparse.Namespace) -> int:
         tasks = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
     run = load_run(Path(args.run_dir), args.device)
     set_threads(run.cfg.train)
-    result = {"step": run.step, "losses": run.eval_losses(args.batches)}
+    for why in run.skipped:
+        print(f"warning: skipped a newer checkpoint: {why}")
+    print(f"evaluating {run.checkpoint} (step {run.step})")
+    sets = run.eval_sets(args.batches)
+    factory = autocast_factory(run.cfg.train, run.device)
+    result = {
+        "step": run.step,
+        "checkpoint": str(run.checkpoint),
+        "skipped_checkpoints": list(run.skipped),
+        "losses": eval_losses(run.model, sets, run.device, factory),
+        "eval_sources": sets.sources,
+    }
     if tasks:
         result |= _task_results(run, tasks, args)
     out = Path(args.run_dir) / "eval.json"
     atomic_write_text(out, json.dumps(result, indent=1))
     for key, value in result["losses"].items():
         print(f"{key:24s} {value:.4f}")
+    for name, origin in sets.sources.items():
+        print(f"{name:24s} {describe_origin(origin)}")
     chance, copy = result.get("chance", {}), result.get("copy", {})
     for key, value in result.get("tasks", {}).items():
         extra = f"   (chance {chance[key]:.4f}" if key in chance else ""
@@ -81,7 +97,7 @@ def _task_results(run, tasks: list[str], args: argparse.Namespace) -> dict:
             "world_steps": args.world_steps, "world_cfg": None, "sampler": args.sampler,
         },
     }  # fmt: skip
-    if run.cfg.data.source == "world":
+    if run.cfg.data.world_only:
         chance = chance_levels(args.n, seed, args.split, run.cfg.data.caption_register)
         if "world" in tasks:
             from moesaic.evaluate.world_model import world_baselines
@@ -91,3 +107,14 @@ def _task_results(run, tasks: list[str], args: argparse.Namespace) -> dict:
             out["copy"] = base["copy"]
         out["chance"] = {k: v for k, v in chance.items() if k in scores}
     return out
+
+
+def describe_origin(origin: dict) -> str:
+    """One line for an eval set's provenance: `source (reader, split: N records), …; D docs`."""
+    parts = []
+    for o in origin["from"]:
+        held = "generated" if o["records"] is None else f"{o['records']} records"
+        if o["records"] is None and o["reader"] == "webdataset":
+            held = "streamed"
+        parts.append(f"{o['source']} ({o['reader']}, {o['split']}: {held})")
+    return f"{'; '.join(parts)}; {origin['documents']} documents in the eval batches"

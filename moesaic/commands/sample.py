@@ -6,16 +6,20 @@
     moesaic sample RUN_DIR --image start.png --action "move the red circle left" --action ...
                                             # world model: frames after each action (PNG + GIF)
 
-Generated images are written as PNG, upscaled `--scale` times with nearest-neighbour so the
-pixels stay sharp for viewing. Input images are read with Pillow by the data layer's rule for
-real images (`moesaic.data.sources.to_array`: RGB, centre-crop, area-average to
-`data.image_size`); a square image whose side is a multiple of `data.image_size` (such as an
-upscaled sample) is first reduced with nearest-neighbour, which inverts that upscaling exactly.
+Generated images are written in the format `--out`'s suffix names (`OUT_FORMATS`: .png, .jpg /
+.jpeg, .webp, .bmp, .gif, .tif / .tiff; anything else is refused), upscaled `--scale` times with
+nearest-neighbour so the pixels stay sharp for viewing. Input images are decoded by the data
+layer's one rule for real images (`moesaic.data.images`: known formats, a pixel cap, EXIF
+orientation, every mode and bit depth, centre crop, area-average to `data.image_size`); a square
+image whose side is a multiple of `data.image_size` (such as an upscaled sample) is first
+reduced with nearest-neighbour, which inverts that upscaling exactly. A run whose data never
+held images gets a one-line warning on stderr: its images and captions are not meaningful.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run directory (runs/NAME)")
     what = p.add_argument_group("what to generate")
     what.add_argument("--prompt", help="text → image: the caption to draw")
-    what.add_argument("--image", help="image → text: a PNG/JPEG to caption (or to ask about)")
+    what.add_argument("--image", help="image → text: an image file to caption (or to ask about)")
     what.add_argument("--question", help="with --image: a question to answer about it")
     what.add_argument(
         "--action", action="append", help="with --image: roll the world model forward under "
         "this action (repeat for more steps); writes --out as a strip and a GIF beside it",
     )  # fmt: skip
-    p.add_argument("--out", default="sample.png", help="PNG written for --prompt")
+    p.add_argument(
+        "--out",
+        default="sample.png",
+        help="image written for --prompt or, as a strip, for --action (.png, .jpg, .webp, ...)",
+    )
     p.add_argument("--scale", type=int, default=16, help="nearest-neighbour upscale of --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="Euler steps of the flow")
@@ -47,33 +55,65 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
     """An image file as [size, size, channels] float32 in [-1, 1] (module doc: resizing)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from moesaic.data.sources import to_array
+    from moesaic.data.images import ImageError, decode_image
 
     if not path.is_file():
-        raise DataError(f"--image '{path}' does not exist; give a PNG or JPEG file")
+        raise DataError(f"--image '{path}' does not exist or is not a file; give an image file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            w, h = im.size
-            if w == h and w % size == 0:
-                im = im.resize((size, size), Image.Resampling.NEAREST)
-            return to_array(im, size, channels)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"--image '{path}' is not an image Pillow can read ({e})") from None
+        return decode_image(path, size, channels, nearest_multiple=True)
+    except ImageError as e:
+        fix = "downscale it first" if e.reason == "too_large" else "give a PNG, JPEG or WebP file"
+        raise DataError(f"--image '{path}' {e}; {fix}") from None
+
+
+OUT_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+
+
+def out_format(path: Path) -> str:
+    """The Pillow format `path`'s suffix names; `ConfigError` for a directory or another suffix."""
+    from PIL import features
+
+    if path.is_dir():
+        raise ConfigError(f"--out '{path}' is a directory; give a file name such as {path}/x.png")
+    fmt = OUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        names = ", ".join(OUT_FORMATS)
+        raise ConfigError(f"--out '{path}' has no image suffix Pillow writes here ({names})")
+    if fmt == "WEBP" and not features.check("webp"):
+        raise ConfigError(f"--out '{path}': this Pillow has no WebP support; use .png")
+    return fmt
 
 
 def write_image(image_HWC: np.ndarray, path: Path, scale: int) -> None:
-    """[S, S, C] in [-1, 1] (C = 3 or 1) → PNG, upscaled `scale`× with nearest-neighbour."""
+    """[S, S, C] in [-1, 1] (C = 3 or 1) → an image file in the format of `path`'s suffix,
+    upscaled `scale`× with nearest-neighbour; written whole or not at all."""
+    import io
+
     from PIL import Image
 
+    from moesaic.files import atomic_write_bytes
+
+    fmt = out_format(path)
     pixels = np.clip(np.round((image_HWC + 1.0) * 127.5), 0, 255).astype(np.uint8)
     im = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, format="PNG")
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        raise ConfigError(f"--out '{path}' cannot be written ({e.strerror or e})") from None
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -88,18 +128,35 @@ def _check(args: argparse.Namespace) -> None:
     if args.scale < 1:
         raise ConfigError(f"--scale={args.scale} must be >= 1")
     if args.image is not None and not Path(args.image).is_file():
-        raise DataError(f"--image '{args.image}' does not exist; give a PNG or JPEG file")
+        raise DataError(
+            f"--image '{args.image}' does not exist or is not a file; give an image file"
+        )
+    if args.prompt is not None:
+        out_format(Path(args.out))
+    if args.action and out_format(Path(args.out)) == "GIF":
+        raise ConfigError(
+            f"--out '{args.out}' with --action names the strip; the GIF is written beside it "
+            "with suffix .gif, so give another suffix such as .png"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.evaluate.runs import load_run
+    from moesaic.data.sources import saw_images
     from moesaic.evaluate.sampling import ImageSampling, Sampler, TextSampling
+    from moesaic.train.runs import load_run
     from moesaic.train.runtime import set_threads
 
     _check(args)
     loaded = load_run(Path(args.run_dir), args.device)
     set_threads(loaded.cfg.train)
     sampler = Sampler.from_run(loaded)
+    if not args.action and not saw_images(loaded.cfg.data):
+        data = loaded.cfg.data
+        print(
+            f"warning: run '{args.run_dir}' never saw images (data.source='{data.source}', "
+            f"data.mix={data.mix}); its images and captions are not meaningful",
+            file=sys.stderr,
+        )
     if args.prompt is not None:
         opts = ImageSampling(args.steps, args.cfg, seed=args.seed, sampler=args.sampler)
         image = sampler.images([args.prompt], opts)[0]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from moesaic.config import load_config
-from moesaic.errors import ConfigError
+from moesaic.errors import CheckpointError, ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesaic.runconfig import load_run_config
+    from moesaic.cli import interrupt_name
+    from moesaic.runconfig import load_run_config, run_dir_for
     from moesaic.train.loop import Trainer
 
     overrides = list(args.overrides)
@@ -31,6 +33,12 @@ def run(args: argparse.Namespace) -> int:
         if args.config is not None:  # `train --resume DIR k=v`: argparse puts k=v in `config`
             overrides.insert(0, args.config)
         run_dir = Path(args.resume)
+        if run_dir.is_dir() and not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(
+                f"nothing to resume: '{run_dir}' has no config.yaml (it stopped before it "
+                f"started, or is not a run); start it with: moesaic train CONFIG "
+                f"name={run_dir.name} out={run_dir.parent}"
+            )
         cfg = load_run_config(run_dir, overrides)
         summary_path = run_dir / "summary.json"
         if summary_path.is_file():
@@ -38,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
             if done.get("status") == "finished" and done.get("step") == cfg.train.steps:
                 print(f"run '{run_dir}' already finished at step {done['step']}")
                 return 0
-        trainer = Trainer(cfg, run_dir, resume=True)
     else:
         if args.config is None:
             raise ConfigError("give a config (a preset such as tiny, or a YAML path) or --resume")
@@ -46,7 +53,19 @@ def run(args: argparse.Namespace) -> int:
             overrides.append(f"name={args.name}")
         if args.out:
             overrides.append(f"out={args.out}")
-        trainer = Trainer(load_config(args.config, overrides))
+        cfg = load_config(args.config, overrides)
+        run_dir = run_dir_for(cfg)
+    try:
+        trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+    except KeyboardInterrupt as e:
+        started = (run_dir / "config.yaml").is_file()
+        then = f"; continue with: moesaic train --resume {run_dir}" if started else ""
+        print(
+            f"stopped by {interrupt_name(e)} during start-up, before any training; "
+            f"nothing to save{then}",
+            file=sys.stderr,
+        )
+        return 130
     try:
         summary = trainer.run()
     finally:

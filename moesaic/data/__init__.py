@@ -11,32 +11,46 @@ from __future__ import annotations
 
 from moesaic.config import DataConfig
 from moesaic.data.eval_sets import build_eval_sets
+from moesaic.data.mixing import SourceSet, open_sources
 from moesaic.data.packing import DocOptions, Source, Stream
 from moesaic.data.shift import caption_shift, measure_caption_shift
+from moesaic.data.stacked import StackedStream
 from moesaic.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer
 from moesaic.data.world.generators import WorldSource
 
 
-def make_source(cfg: DataConfig, split: str = "train") -> Source:
-    """The record source `data.source` names, for one split."""
+def make_source(
+    cfg: DataConfig, split: str = "train", rank: int = 0, world_size: int = 1, label: str = ""
+) -> Source:
+    """The record source `data.source` names, for one split (`rank` of `world_size`: which
+    WebDataset shards this process streams)."""
     if cfg.source == "world":
-        frames = (cfg.video.min_frames, cfg.video.max_frames)
-        return WorldSource(split, cfg.caption_register, cfg.image_size, frames)
+        return WorldSource.from_config(cfg, split)
     from moesaic.data.sources import open_source
 
-    return open_source(cfg, split)
+    return open_source(cfg, split, rank=rank, world_size=world_size, label=label)
 
 
 def build_stream(
     cfg: DataConfig, tok: Tokenizer, split: str = "train", rank: int = 0, world_size: int = 1
-) -> Stream:
-    """The training stream of rank `rank` of `world_size` (disjoint documents per rank)."""
-    return Stream(cfg, tok, make_source(cfg, split), split, rank, world_size)
+) -> Stream | StackedStream:
+    """The training stream of rank `rank` of `world_size` (disjoint documents per rank); with
+    `data.parts`, one stream per part whose batches are stacked (`stacked.py`); with
+    `data.sources`, every source mixed by its weight (`mixing.py`)."""
+    if cfg.parts:
+        return StackedStream(
+            [Stream(cfg, tok, open_sources(cfg, split, rank, world_size), split, rank,
+                    world_size, mix=part)
+             for part in cfg.parts]
+        )  # fmt: skip
+    return Stream(cfg, tok, open_sources(cfg, split, rank, world_size), split, rank, world_size)
 
 
 __all__ = [
     "SPECIAL_TOKENS",
     "DocOptions",
+    "StackedStream",
+    "SourceSet",
     "Stream",
     "Tokenizer",
     "build_eval_sets",
@@ -45,4 +59,5 @@ __all__ = [
     "load_tokenizer",
     "make_source",
     "measure_caption_shift",
+    "open_sources",
 ]

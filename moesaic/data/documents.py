@@ -7,6 +7,7 @@ Layouts (one document never straddles rows; `bos`/`eos` open and close every doc
     image_caption  bos  boi [image] eoi  caption… eos      understanding: image clean
     vqa            bos  boi [image] eoi  question… answer… eos   (doc_kind IMAGE_CAPTION)
     image          bos  boi [image] eoi  eos              image-only: flow loss, no text loss
+    caption        bos  caption…                  eos      a caption as plain text, no image
     video          bos  boi [f1] eoi  boi [f2] eoi … boi [fk] eoi  eos
     action_video   bos  boi [f1] eoi  action1…  boi [f2] eoi  action2… … boi [fk] eoi  eos
 
@@ -29,6 +30,7 @@ are targets, per kind:
     image_caption  boi, caption and eos
     vqa            boi, answer and eos (the question is context only)
     image          none
+    caption        every token after bos (caption and eos), as in text (doc_kind TEXT)
     video          none
     action_video   none: actions are conditioning (the next action is not predictable from
                    the frames before it, so its text loss would be noise)
@@ -50,6 +52,7 @@ KIND_OF = {
     "vqa": DocKind.IMAGE_CAPTION,
     "image": DocKind.IMAGE,
     "ood_text": DocKind.TEXT,  # eval only: laid out like text
+    "caption": DocKind.TEXT,  # a caption alone, laid out like text
     "video": DocKind.VIDEO,
     "action_video": DocKind.ACTION_VIDEO,
 }

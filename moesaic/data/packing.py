@@ -15,10 +15,17 @@ What is left of a row is padding, one document of kind PAD. Text longer than `se
 truncated at the end (counted in `stream.stats["truncated_tokens"]`); nothing else is ever
 dropped or repeated: every drawn document appears exactly once, whole, in order of its row.
 
-Determinism and resume. Document `g` of kind `k` is a pure function of (seed, split, k, g): its
-content, flow time, caption dropout and noise ε all come from generators seeded with
-`derive_seed(seed, split, k, g)`. Rank `r` of `w` draws the global indices g ≡ r (mod w), so
-ranks never share a document. The stream state is therefore a handful of counters plus the keys
+Several sources (`data.sources`, `mixing.py`). The scheduler mixes *lanes* — one kind of one
+source, `kind@name` — exactly as it mixes kinds: a lane is drawn only when it is at or below its
+share, so none ever gets more than one document ahead of it (nor, since the deviations sum to
+zero, more than one document per other lane behind). With the one source of `data.source` the
+lanes are the bare kinds.
+
+Determinism and resume. Document `g` of kind `k` is a pure function of (seed, split, k, g) —
+and of the source, through its salt, when there are several: its content, flow time, caption
+dropout and noise ε all come from generators seeded with `derive_seed(seed, split, k, g)`.
+Rank `r` of `w` draws the global indices g ≡ r (mod w) of every lane, so ranks never share a
+document. The stream state is therefore a handful of counters plus the keys
 of the held-over documents (regenerated on restore): `state_dict()` is small JSON and
 `load_state_dict()` continues with byte-identical batches.
 """
@@ -43,6 +50,7 @@ from moesaic.data.documents import (
     min_image_doc_len,
     video_doc_len,
 )
+from moesaic.data.mixing import SourceSet
 from moesaic.data.world.generators import Record
 from moesaic.data.world.scenes import derive_seed, mix64, patchify
 from moesaic.errors import ConfigError, DataError
@@ -59,6 +67,8 @@ KIND_IDS = {
     "video": 6,
     "action_video": 7,
 }
+# Caption-only document g is drawn from image_caption document g's seed: the same caption.
+KIND_IDS["caption"] = KIND_IDS["image_caption"]
 IMAGE_KINDS = ("caption_image", "image_caption", "vqa", "image")
 VIDEO_KINDS = ("video", "action_video")
 STATE_VERSION = 1
@@ -102,10 +112,14 @@ def min_video_frames(context: str) -> int:
 
 
 class DocFactory:
-    """Turns (kind, global index) into a laid-out `Doc`: a pure function of its arguments."""
+    """Turns (lane, global index) into a laid-out `Doc`: a pure function of its arguments."""
 
-    def __init__(self, cfg: DataConfig, tok, source: Source, split: str, seed: int, opts):
-        self.cfg, self.tok, self.source, self.opts = cfg, tok, source, opts
+    def __init__(
+        self, cfg: DataConfig, tok, sources: Source | SourceSet, split: str, seed: int, opts
+    ):
+        if not isinstance(sources, SourceSet):
+            sources = SourceSet.single(sources, f"data.source='{cfg.source}'", cfg.source)
+        self.cfg, self.tok, self.sources, self.opts = cfg, tok, sources, opts
         self.ids = tok.special
         self.split_id, self.seed = SPLIT_IDS[split], seed
         # One PCG64 re-seeded per document: the same numbers as a fresh generator would give
@@ -125,17 +139,20 @@ class DocFactory:
         }
         return self._gen.standard_normal(shape, dtype=np.float32)
 
-    def __call__(self, kind: str, g: int) -> Doc | None:
-        s = derive_seed(self.seed, self.split_id, KIND_IDS[kind], g, self.opts.salt)
+    def __call__(self, lane: str, g: int) -> Doc | None:
+        kind, member = self.sources.resolve(lane)
+        s = derive_seed(self.seed, self.split_id, KIND_IDS[kind], g, self.opts.salt, *member.salt)
         rng = random.Random(s)
-        rec = self.source.record(kind, g, rng)
+        rec = member.source.record(kind, g, rng)
         if rec is None:
             return None
-        key, opts, L = (kind, g), self.opts, self.cfg.seq_len
-        if kind in ("text", "ood_text"):
-            return assemble(kind, [("text", self.tok.encode(rec.text), True)], self.ids, key, L)
+        key, opts, L = (lane, g), self.opts, self.cfg.seq_len
+        if kind in ("text", "ood_text", "caption"):
+            pieces = rec.pieces or ((rec.text, True),)
+            segs = [("text", self.tok.encode(text), loss) for text, loss in pieces]
+            return assemble(kind, segs, self.ids, key, L)
         if kind in VIDEO_KINDS:
-            return self._video(kind, rec, s, rng, g)
+            return self._video(kind, rec, s, rng, key)
         patches = patchify(rec.images[0], self.cfg.patch_size)
         noise = self._noise(s, patches.shape)
         if kind in ("caption_image", "image"):
@@ -162,10 +179,13 @@ class DocFactory:
             segs = [("image", patches, noise, t, True, False)]
         return assemble(kind, segs, self.ids, key, L)
 
-    def _video(self, kind: str, rec: Record, s: int, rng: random.Random, g: int) -> Doc:
+    def _video(
+        self, kind: str, rec: Record, s: int, rng: random.Random, key: tuple[str, int]
+    ) -> Doc:
         """A clip laid out as `video` or `action_video` (documents.py): the frames kept, which
-        of them are noised and their flow times, all drawn from the document's own rng."""
-        opts, L, n = self.opts, self.cfg.seq_len, len(rec.images)
+        of them are noised and their flow times, all drawn from the document's own rng. `key`
+        is the document's (lane, global index)."""
+        opts, L, n, g = self.opts, self.cfg.seq_len, len(rec.images), key[1]
         if kind == "action_video" and len(rec.actions) != n - 1:
             raise DataError(f"a clip of {n} frames has {len(rec.actions)} actions")
         clean = opts.video_context == "clean"
@@ -194,7 +214,7 @@ class DocFactory:
             if j > 0 and actions:
                 segs.append(("text", actions[j - 1], False))
             segs.append(("frame", frames[j], noise[j], times[j], losses[j], False))
-        return assemble(kind, segs, self.ids, (kind, g), L)
+        return assemble(kind, segs, self.ids, key, L)
 
 
 class Stream:
@@ -204,7 +224,7 @@ class Stream:
         self,
         cfg: DataConfig,
         tok,
-        source: Source,
+        source: Source | SourceSet,
         split: str = "train",
         rank: int = 0,
         world_size: int = 1,
@@ -216,26 +236,23 @@ class Stream:
             raise ConfigError(f"split='{split}' is not one of {', '.join(SPLIT_IDS)}")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.cfg, self.tok, self.source = cfg, tok, source
+        self.cfg, self.tok = cfg, tok
         self.rank, self.world_size, self.split = rank, world_size, split
-        mix = dict(cfg.mix if mix is None else mix)
-        self.weights = {k: float(w) for k, w in mix.items() if w > 0 and k in source.kinds}
-        if not self.weights:
-            raise ConfigError(
-                f"data.mix {mix} has no positive weight on a kind that source "
-                f"'{cfg.source}' provides ({', '.join(source.kinds)})"
-            )
-        total = sum(self.weights.values())
-        self.weights = {k: w / total for k, w in self.weights.items()}
+        if not isinstance(source, SourceSet):
+            source = SourceSet.single(source, f"data.source='{cfg.source}'", cfg.source)
+        self.sources = source
+        self.source = source.members[0].source if len(source.members) == 1 else source
+        lanes = source.lanes(dict(cfg.mix if mix is None else mix))
+        self.weights = {key: lane.weight for key, lane in lanes.items()}  # lane -> target share
         need = min_image_doc_len(cfg.patches_per_image)
-        if any(k in IMAGE_KINDS for k in self.weights) and cfg.seq_len < need:
+        if any(lane.kind in IMAGE_KINDS for lane in lanes.values()) and cfg.seq_len < need:
             raise ConfigError(
                 f"data.seq_len={cfg.seq_len} cannot hold one image document ({need} positions "
                 f"for {cfg.patches_per_image} patches); raise data.seq_len or data.patch_size"
             )
         context = (opts or DocOptions.from_config(cfg)).video_context
         need = video_doc_len(min_video_frames(context), cfg.patches_per_image)
-        if any(k in VIDEO_KINDS for k in self.weights) and cfg.seq_len < need:
+        if any(lane.kind in VIDEO_KINDS for lane in lanes.values()) and cfg.seq_len < need:
             raise ConfigError(
                 f"data.seq_len={cfg.seq_len} cannot hold a clip document ({need} positions for "
                 f"{min_video_frames(context)} frames of {cfg.patches_per_image} patches); raise "
@@ -245,8 +262,8 @@ class Stream:
             cfg, tok, source, split, cfg.seed if seed is None else seed,
             opts or DocOptions.from_config(cfg),
         )  # fmt: skip
-        self.counters = {k: 0 for k in self.weights}
-        self.produced = {k: 0 for k in self.weights}
+        self.counters = {k: 0 for k in self.weights}  # documents drawn per lane (this rank)
+        self.lane_tokens = {k: 0 for k in self.weights}  # document tokens per lane
         self.pending: list[Doc] = []
         self.rows = 0
         self.stats: Counter = Counter()
@@ -254,9 +271,32 @@ class Stream:
     # ------------------------------------------------------------------ state
 
     @property
+    def produced(self) -> dict[str, int]:
+        """Document tokens per kind (summed over sources)."""
+        out: Counter = Counter()
+        for lane, n in self.lane_tokens.items():
+            out[lane.partition("@")[0]] += n
+        return dict(out)
+
+    @property
+    def produced_by_source(self) -> dict[str, dict[str, int]]:
+        """Document tokens per source and kind ({} with the single `data.source`)."""
+        out: dict[str, dict[str, int]] = {}
+        for lane, n in self.lane_tokens.items():
+            kind, _, name = lane.partition("@")
+            if name:
+                out.setdefault(name, {})[kind] = n
+        return out
+
+    @property
     def skipped(self) -> dict[str, int]:
         """Bad records skipped so far, by reason."""
-        return dict(self.source.skipped)
+        return dict(self.sources.skipped)
+
+    @property
+    def skipped_draws(self) -> dict[str, int]:
+        """Draws that met a bad record, by reason (a bad record is skipped once, drawn often)."""
+        return dict(self.sources.skipped_draws)
 
     def state_dict(self) -> dict:
         return {
@@ -264,11 +304,11 @@ class Stream:
             "rank": self.rank,
             "world_size": self.world_size,
             "counters": dict(self.counters),
-            "produced": dict(self.produced),
+            "produced": dict(self.lane_tokens),
             "pending": [list(d.key) for d in self.pending],
             "rows": self.rows,
             "stats": dict(self.stats),
-            "skipped": dict(self.source.skipped),
+            **self.sources.state_dict(),  # "skipped", "source"
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -285,27 +325,27 @@ class Stream:
                 f"{sorted(self.counters)}; resume with the same data.mix"
             )
         self.counters = {k: int(v) for k, v in state["counters"].items()}
-        self.produced = {k: int(v) for k, v in state["produced"].items()}
+        self.lane_tokens = {k: int(v) for k, v in state["produced"].items()}
+        self.sources.load_state_dict(state)
         self.pending = [self.factory(k, int(g)) for k, g in state["pending"]]
         self.rows = int(state["rows"])
         self.stats = Counter(state["stats"])
-        self.source.skipped.clear()
-        self.source.skipped.update(state["skipped"])
 
     # ------------------------------------------------------------------ drawing and packing
 
     def _draw(self) -> Doc:
-        kind = min(self.weights, key=lambda k: self.produced[k] / self.weights[k])
+        lane = min(self.weights, key=lambda k: self.lane_tokens[k] / self.weights[k])
         for _ in range(1_000_000):
-            g = self.counters[kind] * self.world_size + self.rank
-            self.counters[kind] += 1
-            doc = self.factory(kind, g)
+            g = self.counters[lane] * self.world_size + self.rank
+            self.counters[lane] += 1
+            doc = self.factory(lane, g)
             if doc is not None:
-                self.produced[kind] += len(doc)
+                self.lane_tokens[lane] += len(doc)
                 self.stats["docs"] += 1
                 self.stats["truncated_tokens"] += doc.truncated
                 return doc
-        raise DataError(f"source '{self.cfg.source}' yields no usable '{kind}' records")
+        kind, member = self.sources.resolve(lane)
+        raise DataError(f"{member.label} yields no usable '{kind}' records")
 
     def _row(self) -> list[Doc]:
         L, placed, used = self.cfg.seq_len, [], 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -52,7 +53,12 @@ def measure_caption_shift(
     cfg: DataConfig, tok, n_docs: int = 500, seed: int = 0, register: str | None = None
 ) -> dict[str, float]:
     """Caption shift of the world's captions in `register` (default: the config's) against
-    the world's general text, from `n_docs` documents of each (training split)."""
+    the world's general text, from `n_docs` documents of each (training split). With real
+    sources: the captions of the image sources against the documents of the text sources
+    (the first `n_docs` of each, training split; NaN when either is missing)."""
+    if not cfg.world_only:
+        caps, docs = _source_texts(cfg, n_docs)
+        return caption_shift(map(tok.encode, caps), map(tok.encode, docs))
     from moesaic.data.world import captions, scenes, text
 
     rng = random.Random(f"caption-shift:{seed}")
@@ -63,3 +69,27 @@ def measure_caption_shift(
     ]
     docs = [tok.encode(text.general_document(rng)) for _ in range(n_docs)]
     return caption_shift(caps, docs)
+
+
+def _source_texts(cfg: DataConfig, n: int) -> tuple[list[str], list[str]]:
+    """(captions, general-text documents) of a run's sources, up to `n` of each."""
+    from moesaic.data.mixing import open_sources
+    from moesaic.data.reading import DataWarning
+    from moesaic.data.world import captions, scenes, text
+
+    caps: list[str] = []
+    docs: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)  # already reported by the training run
+        for m in open_sources(cfg, "train").members:
+            if m.reader == "world":
+                rng = random.Random(f"caption-shift:{m.name}")
+                reg = m.source.register
+                caps += [captions.caption(scenes.sample_scene(rng, "train"), reg, rng)
+                         for _ in range(n)]  # fmt: skip
+                docs += [text.general_document(rng) for _ in range(n)]
+            elif "text" in m.source.kinds and "image_caption" not in m.source.kinds:
+                docs += m.source.texts(n)
+            else:
+                caps += m.source.texts(n)
+    return caps[:n], docs[:n]

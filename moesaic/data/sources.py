@@ -1,228 +1,227 @@
 """Readers for real data, plugged into the same packer as the world (`data.source`).
 
     folder      directories of images with `captions.jsonl` ({"file": ..., "caption": ...} per
-                line) or `captions.csv` (header `file,caption`)
-    text        `.txt` files (documents separated by blank lines) or `.jsonl` ({"text": ...})
-    webdataset  `.tar` shards: members sharing a key, an image (.png/.jpg/.jpeg/.webp/.bmp)
-                and a caption (.txt, or .json with "caption"/"text"); read with `tarfile`, so
-                the `webdataset` package is not needed
+                line) or `captions.csv` (header `file,caption`); `file` is relative to the
+                directory and must stay inside it
+    text        `.txt` files (documents separated by blank lines) or `.jsonl` ({"text": ...}),
+                or directories searched recursively for them
+    webdataset  `.tar` shards (files, directories, brace patterns): members sharing a key, an
+                image (.png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff) and a caption (.txt, or
+                .json with "caption"/"text"); streamed shard by shard with `tarfile`, each rank
+                its own shards (`moesaic.data.shards`), so the `webdataset` package is not
+                needed
     hf          Hugging Face datasets saved with `save_to_disk` (extra `datasets`): an image
                 column (`image`/`img`) and/or a text column (`caption`/`text`)
     digits      scikit-learn's bundled 8×8 handwritten digits (extra `sklearn`), captioned
                 "a handwritten digit N"
+    clips       folders of clips stored as frame images, with optional action files: the
+                `video` and `action_video` kinds (`moesaic.data.clips`, docs/video.md)
 
-Images are converted by one rule: Pillow `convert("RGB")` (or "L" when data.channels=1),
-centre-crop to a square of the shorter side, resize to `data.image_size` with area averaging
-(BOX) when shrinking and bicubic when enlarging, scale to [-1, 1].
+Images are decoded by one rule for every reader and for `sample --image`
+(`moesaic.data.images`: known formats only, a pixel cap, EXIF orientation, every mode and bit
+depth, centre crop, resize, [-1, 1]). Text is read by `moesaic.data.reading` (byte-order marks,
+bounded pieces, paths that stay inside the source directory).
 
-Splits: records are ordered by a hash of their key (file path + member/line); the first 5%
-(at least one record once a source has three) are `val`, the next 5% `test`, the rest `train`.
+Long documents. A document keeps at most `data.seq_len × CHARS_PER_TOKEN` characters: the
+packer keeps only `data.seq_len` tokens of it anyway, and ordinary text has far fewer than
+`CHARS_PER_TOKEN` characters per token, so nothing the packer would keep is lost, and a
+document never needs more memory than that.
 
-Bad input — corrupt or truncated images, missing files, non-UTF-8 text, empty captions,
-malformed jsonl/csv lines — is skipped and counted by reason in `skipped` (reported as
-`stream.skipped`), with a warning naming the file and line (the first few per reason);
+Splits, draws and the counting of bad records are the base's (`moesaic.data.record_source`).
+Bad input is skipped and counted by reason in `skipped` (reported as `stream.skipped`), each
+bad record once however often it is drawn, with a warning naming the file and line (the first
+few per reason):
+
+    missing_file    a named file, directory or shard that does not exist or is no regular file
+    outside_root    a name or symlink that leaves its source directory (`data.follow_symlinks`)
+    bad_image       an image that does not decode (corrupt, truncated, unknown format)
+    too_large       an image over the pixel cap, or a tar member over `MAX_MEMBER_BYTES`
+    bad_encoding    an undecodable UTF-8 line; a whole file that is bad UTF-16/32 or holds NULs;
+                    a text with NUL or an unpaired surrogate (JSON escapes)
+    too_long        a jsonl / csv / caption line over `MAX_LINE_CHARS` characters
+    malformed_line  a jsonl / csv line that does not parse or lacks its field
+    empty_caption   an empty caption, or an image without one (webdataset)
+    empty_text      an empty jsonl text
+    bad_shard       a tar file that does not open
+
 `data.strict: true` raises `DataError` instead. A source with no usable record raises
-`DataError`.
+`DataError`, and so does a draw once every record of the split has turned out bad.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
+import dataclasses
 import json
-import random
-import tarfile
+import os
 import warnings
-from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from moesaic.config import DataConfig
-from moesaic.data.world.generators import Record
+from moesaic.data.images import to_array
+from moesaic.data.reading import (
+    BadEncoding,
+    DataWarning,
+    Line,
+    contained,
+    still_inside,
+    walk_files,
+)
+from moesaic.data.record_source import (
+    CHARS_PER_TOKEN,
+    IMAGE_KINDS,
+    JSON_ERRORS,
+    MAX_LINE_CHARS,
+    RecordSource,
+    Skip,
+    json_field,
+)
+from moesaic.data.shards import ShardSource, sample_key
+from moesaic.data.world.generators import Record, WorldSource
 from moesaic.errors import DataError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-IMAGE_KINDS = ("caption_image", "image_caption", "image")
-WARN_PER_REASON = 5
-VAL_FRACTION = 0.05
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "DataWarning",
+    "RecordSource",
+    "open_source",
+    "sample_key",
+    "saw_images",
+    "source_corpus",
+    "to_array",
+]
 
 
-class DataWarning(UserWarning):
-    """A bad record was skipped."""
+def source_kinds(cfg: DataConfig) -> tuple[str, ...]:
+    """The document kinds `data.source` can provide, from the config alone (hf: any)."""
+    if cfg.source == "world":
+        return WorldSource.kinds
+    if cfg.source == "text":
+        return ("text",)
+    if cfg.source == "hf":
+        return (*IMAGE_KINDS, "text")
+    if cfg.source == "clips":
+        return ("video", "action_video")
+    return IMAGE_KINDS
 
 
-def to_array(img, size: int, channels: int = 3) -> np.ndarray:
-    """A PIL image → [size, size, channels] float32 in [-1, 1] by the documented rule."""
-    from PIL import Image
+def saw_images(cfg: DataConfig) -> bool:
+    """Whether a config's data draws images: an image kind of a source weighs > 0 in its mix
+    (each `data.parts` entry counts as a mix; a source's own mix sets its shares)."""
+    from moesaic.data.mixing import member_config
 
-    img = img.convert("RGB" if channels == 3 else "L")
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s))
-    if s != size:
-        img = img.resize((size, size), Image.BOX if s > size else Image.BICUBIC)
-    x = np.asarray(img, dtype=np.float32).reshape(size, size, channels)
-    return np.clip(x / 127.5 - 1.0, -1.0, 1.0)
-
-
-class RecordSource:
-    """Base: a list of record references, split by key hash, drawn in per-epoch permutations."""
-
-    kinds: tuple[str, ...] = IMAGE_KINDS
-
-    def __init__(self, cfg: DataConfig, split: str):
-        self.cfg, self.split = cfg, split
-        self.skipped: Counter = Counter()
-        self._warned: Counter = Counter()
-        items = self.scan([Path(p) for p in cfg.paths])
-        if not items:
-            raise DataError(
-                f"data.source='{cfg.source}' found no usable records in {cfg.paths}"
-                + (f" (skipped: {dict(self.skipped)})" if self.skipped else "")
-            )
-        self.items = self._select(items, split)
-        if not self.items:
-            raise DataError(
-                f"data.source='{cfg.source}' has no '{split}' records ({len(items)} in all); "
-                "add more data"
-            )
-        self._perms: dict[int, np.ndarray] = {}
-
-    # subclasses: scan(paths) -> list[(key, ref)], load(ref) -> Record | None
-    def scan(self, paths: list[Path]) -> list[tuple[str, object]]:
-        raise NotImplementedError
-
-    def load(self, ref: object) -> Record | None:
-        raise NotImplementedError
-
-    def bad(self, reason: str, where: str) -> None:
-        """Count a skipped record; warn (first few per reason) or raise in strict mode."""
-        msg = f"{where}: skipped ({reason.replace('_', ' ')})"
-        if self.cfg.strict:
-            raise DataError(msg + "; fix the input or set data.strict=false to skip it")
-        self.skipped[reason] += 1
-        self._warned[reason] += 1
-        if self._warned[reason] <= WARN_PER_REASON:
-            warnings.warn(msg, DataWarning, stacklevel=3)
-
-    @staticmethod
-    def _select(items: list[tuple[str, object]], split: str) -> list[object]:
-        def h(key: str) -> int:
-            return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-
-        ordered = sorted(items, key=lambda kv: (h(kv[0]), kv[0]))
-        n = len(ordered)
-        k = max(1, round(VAL_FRACTION * n)) if n >= 3 else 0
-        parts = {"val": ordered[:k], "test": ordered[k : 2 * k], "train": ordered[2 * k :]}
-        return [ref for _, ref in parts[split]]
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            rng = np.random.default_rng([self.cfg.seed, epoch, 7])
-            self._perms = {epoch: rng.permutation(len(self.items))}
-        return self._perms[epoch]
-
-    def record(self, kind: str, index: int, rng: random.Random) -> Record | None:
-        epoch, i = divmod(index, len(self.items))
-        return self.load(self.items[int(self._perm(epoch)[i])])
-
-    def texts(self, limit: int = 20000) -> list[str]:
-        """Text of up to `limit` records of this split (the tokenizer's training corpus)."""
-        out = []
-        for ref in self.items[:limit]:
-            t = self.text_of(ref)
-            if t:
-                out.append(t)
-        return out
-
-    def text_of(self, ref: object) -> str:
-        return ref[1]  # type: ignore[index]
-
-    def _image(self, data: bytes | Path, where: str) -> np.ndarray | None:
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-                img.load()
-                return to_array(img, self.cfg.image_size, self.cfg.channels)
-        except FileNotFoundError:
-            self.bad("missing_file", where)
-        except Exception:  # Pillow raises many types for corrupt or truncated files
-            self.bad("bad_image", where)
-        return None
-
-
-def _read_lines(path: Path, src: RecordSource) -> list[tuple[int, str]]:
-    """(line number, text) of each UTF-8 line; undecodable lines are skipped and counted."""
-    out = []
-    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            out.append((n, raw.decode("utf-8")))
-        except UnicodeDecodeError:
-            src.bad("bad_encoding", f"{path}:{n}")
-    return out
+    image = {"caption_image", "image_caption", "vqa", "image"}
+    mixes = cfg.parts or [cfg.mix]
+    if not cfg.sources:
+        kinds = set(source_kinds(cfg)) & image
+        return any(w > 0 for mix in mixes for k, w in mix.items() if k in kinds)
+    for src in cfg.source_list():
+        provided = set(source_kinds(member_config(cfg, src)))
+        for mix in mixes:
+            allowed = {k for k, w in mix.items() if w > 0 and k in provided}
+            if any(w > 0 and k in allowed & image for k, w in (src.mix or mix).items()):
+                return True
+    return False
 
 
 class FolderSource(RecordSource):
     def scan(self, paths: list[Path]) -> list[tuple[str, object]]:
         items = []
-        for root in paths:
-            if not root.is_dir():
-                self.bad("missing_file", str(root))
+        follow = self.cfg.follow_symlinks
+        for top in paths:
+            if not top.is_dir():
+                self.bad("missing_file", str(top))
                 continue
-            if (root / "captions.jsonl").is_file():
-                rows = self._jsonl(root / "captions.jsonl")
-            elif (root / "captions.csv").is_file():
-                rows = self._csv(root / "captions.csv")
-            else:
-                raise DataError(f"'{root}' has neither captions.jsonl nor captions.csv")
-            for where, file, caption in rows:
-                path = root / file
-                if not caption.strip():
+            root = top.resolve()
+            names = [n for n in ("captions.jsonl", "captions.csv") if (top / n).is_file()]
+            if not names:
+                raise DataError(f"'{top}' has neither captions.jsonl nor captions.csv")
+            captions = top / names[0]
+            if contained(root, names[0], follow) is None:
+                self.bad("outside_root", f"{captions} (a symlink out of '{top}')")
+                continue
+            parse = self._jsonl if captions.suffix == ".jsonl" else self._csv
+            for where, file, caption in self._read(captions, MAX_LINE_CHARS, parse):
+                try:
+                    caption = self._cap(caption)
+                except BadEncoding as e:
+                    self.bad("bad_encoding", f"{where} ({e})")
+                    continue
+                path = None if "\x00" in file else contained(root, file, follow)
+                if not caption:
                     self.bad("empty_caption", where)
+                elif "\x00" in file:
+                    self.bad("malformed_line", f"{where} (NUL in the file name)")
+                elif path is None:
+                    self.bad("outside_root", f"{where} ('{file}' is not inside '{top}')")
                 elif not path.is_file():
-                    self.bad("missing_file", f"{where} ({path})")
+                    self.bad("missing_file", f"{where} ({top / file})")
                 else:
-                    items.append((str(path), (path, caption.strip())))
+                    items.append((str(top / file), (path, caption, root)))
         return items
 
-    def _jsonl(self, path: Path) -> list[tuple[str, str, str]]:
+    @staticmethod
+    def _jsonl(path: Path, lines: Iterable[Line], problems: list) -> list[tuple[str, str, str]]:
         rows = []
-        for n, line in _read_lines(path, self):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                file, caption = obj["file"], obj.get("caption", obj.get("text", ""))
-                if not isinstance(file, str) or not isinstance(caption, str):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                self.bad("malformed_line", f"{path}:{n}")
-                continue
-            rows.append((f"{path}:{n}", file, caption))
+        for line in lines:
+            where = f"{path}:{line.number}"
+            if line.text is None:
+                problems.append(("bad_encoding", where))
+            elif line.length > MAX_LINE_CHARS:
+                problems.append(("too_long", where))
+            elif line.text.strip():
+                try:
+                    obj = json.loads(line.text)
+                    file = obj["file"]
+                    caption = obj.get("caption", obj.get("text", ""))
+                    if not isinstance(file, str) or not isinstance(caption, str):
+                        raise TypeError
+                except (*JSON_ERRORS, AttributeError):
+                    problems.append(("malformed_line", where))
+                    continue
+                rows.append((where, file, caption))
         return rows
 
-    def _csv(self, path: Path) -> list[tuple[str, str, str]]:
-        lines = _read_lines(path, self)
-        rows = []
-        reader = csv.reader([text for _, text in lines])
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["file", "caption"]:
-            raise DataError(f"'{path}' must start with the header 'file,caption'")
-        for (n, _), row in zip(lines[1:], reader, strict=False):
-            if len(row) != 2:
-                self.bad("malformed_line", f"{path}:{n}")
-                continue
-            rows.append((f"{path}:{n}", row[0], row[1]))
+    @staticmethod
+    def _csv(path: Path, lines: Iterable[Line], problems: list) -> list[tuple[str, str, str]]:
+        numbers: list[int] = []
+
+        def texts() -> Iterator[str]:
+            for line in lines:
+                if line.text is None:
+                    problems.append(("bad_encoding", f"{path}:{line.number}"))
+                elif line.length > MAX_LINE_CHARS:
+                    problems.append(("too_long", f"{path}:{line.number}"))
+                else:
+                    numbers.append(line.number)
+                    yield line.text
+
+        reader = csv.reader(texts())
+        try:
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["file", "caption"]:
+                raise DataError(f"'{path}' must start with the header 'file,caption'")
+            rows = []
+            for row in reader:
+                where = f"{path}:{numbers[reader.line_num - 1]}"
+                if len(row) != 2:
+                    problems.append(("malformed_line", where))
+                    continue
+                rows.append((where, row[0], row[1]))
+        except csv.Error as e:  # a NUL byte, an unterminated quote at the end, ...
+            raise DataError(
+                f"'{path}' is not valid CSV ({e}); fix it or use captions.jsonl"
+            ) from None
         return rows
 
-    def load(self, ref: object) -> Record | None:
-        path, caption = ref  # type: ignore[misc]
-        img = self._image(path, str(path))
-        return None if img is None else Record(text=caption, images=(img,))
+    def load(self, ref: object) -> Record:
+        path, caption, root = ref  # type: ignore[misc]
+        if not still_inside(path, root, self.cfg.follow_symlinks):
+            raise Skip("outside_root", f"{path} (no longer inside '{root}')")
+        return Record(text=caption, images=(self._image(path, str(path)),))
 
 
 class TextSource(RecordSource):
@@ -232,105 +231,71 @@ class TextSource(RecordSource):
         files = []
         for p in paths:
             if p.is_dir():
-                files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl"))
+                found, outside = walk_files(p, (".txt", ".jsonl"), self.cfg.follow_symlinks)
+                for o in outside:
+                    self.bad("outside_root", f"{o} (a symlink out of '{p}')")
+                files += found
             elif p.is_file():
                 files.append(p)
             else:
                 self.bad("missing_file", str(p))
         items = []
         for f in files:
-            lines = _read_lines(f, self)
             if f.suffix == ".jsonl":
-                for n, line in lines:
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                        if not isinstance(text, str):
-                            raise TypeError
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        self.bad("malformed_line", f"{f}:{n}")
-                        continue
-                    if text.strip():
-                        items.append((f"{f}:{n}", (f"{f}:{n}", text.strip())))
-                    else:
-                        self.bad("empty_text", f"{f}:{n}")
+                items += self._read(f, MAX_LINE_CHARS, self._jsonl_docs)
             else:
-                para, start = [], 0
-                for n, line in [*lines, (len(lines) + 1, "")]:
-                    if line.strip():
-                        start = start or n
-                        para.append(line.strip())
-                    elif para:
-                        items.append((f"{f}:{start}", (f"{f}:{start}", " ".join(para))))
-                        para, start = [], 0
+                items += self._read(f, self.max_chars, self._paragraphs)
         return items
 
-    def load(self, ref: object) -> Record | None:
+    def _jsonl_docs(self, f: Path, lines: Iterable[Line], problems: list) -> list:
+        items = []
+        for line in lines:
+            where = f"{f}:{line.number}"
+            if line.text is None:
+                problems.append(("bad_encoding", where))
+            elif line.length > MAX_LINE_CHARS:
+                problems.append(("too_long", where))
+            elif line.text.strip():
+                try:
+                    text = self._cap(json_field(line.text, "text"))
+                except BadEncoding as e:
+                    problems.append(("bad_encoding", f"{where} ({e})"))
+                    continue
+                except JSON_ERRORS:
+                    problems.append(("malformed_line", where))
+                    continue
+                if text:
+                    items.append((where, (where, text)))
+                else:
+                    problems.append(("empty_text", where))
+        return items
+
+    def _paragraphs(self, f: Path, lines: Iterable[Line], problems: list) -> list:
+        """Documents separated by blank lines, each cut to `max_chars` as it is read."""
+        items, para, kept, start = [], [], 0, 0
+        for line in _with_end(lines):
+            if line is not None and line.text is None:
+                problems.append(("bad_encoding", f"{f}:{line.number}"))
+                continue
+            text = line.text.strip() if line is not None else ""
+            if text:
+                start = start or line.number  # type: ignore[union-attr]
+                if kept < self.max_chars:
+                    para.append(text[: self.max_chars - kept])
+                    kept += len(para[-1]) + 1
+            elif para:
+                key = f"{f}:{start}"
+                items.append((key, (key, " ".join(para)[: self.max_chars])))
+                para, kept, start = [], 0, 0
+        return items
+
+    def load(self, ref: object) -> Record:
         return Record(text=ref[1])  # type: ignore[index]
 
 
-class TarSource(RecordSource):
-    """WebDataset-style shards, read with `tarfile`."""
-
-    def scan(self, paths: list[Path]) -> list[tuple[str, object]]:
-        shards = []
-        for p in paths:
-            shards += sorted(p.glob("*.tar")) if p.is_dir() else [p]
-        self._tars: dict[Path, tarfile.TarFile] = {}
-        items = []
-        for shard in shards:
-            try:
-                tar = tarfile.open(shard)  # noqa: SIM115 (kept open to read images lazily)
-                members = tar.getmembers()
-            except (OSError, tarfile.TarError):
-                self.bad("bad_shard", str(shard))
-                continue
-            self._tars[shard] = tar
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for m in members:
-                if m.isfile() and "." in m.name:
-                    key, ext = m.name.split(".", 1)
-                    groups.setdefault(key, {})["." + ext.lower()] = m
-            for key, g in sorted(groups.items()):
-                where = f"{shard}:{key}"
-                image = next((g[e] for e in IMAGE_EXTS if e in g), None)
-                caption = self._caption(tar, g, where)
-                if image is None:
-                    self.bad("missing_file", f"{where} (no image)")
-                elif caption is None:
-                    continue
-                elif not caption.strip():
-                    self.bad("empty_caption", where)
-                else:
-                    items.append((where, (shard, image, caption.strip())))
-        return items
-
-    def _caption(self, tar: tarfile.TarFile, g: dict, where: str) -> str | None:
-        member = g.get(".txt") or g.get(".json")
-        if member is None:
-            self.bad("empty_caption", f"{where} (no caption)")
-            return None
-        try:
-            raw = tar.extractfile(member).read().decode("utf-8")  # type: ignore[union-attr]
-            if member.name.endswith(".json"):
-                obj = json.loads(raw)
-                return str(obj.get("caption", obj.get("text", "")))
-            return raw
-        except UnicodeDecodeError:
-            self.bad("bad_encoding", where)
-        except (json.JSONDecodeError, AttributeError):
-            self.bad("malformed_line", where)
-        return None
-
-    def text_of(self, ref: object) -> str:
-        return ref[2]  # type: ignore[index]
-
-    def load(self, ref: object) -> Record | None:
-        shard, member, caption = ref  # type: ignore[misc]
-        data = self._tars[shard].extractfile(member).read()  # type: ignore[union-attr]
-        img = self._image(data, f"{shard}:{member.name}")
-        return None if img is None else Record(text=caption, images=(img,))
+def _with_end(lines: Iterable[Line]) -> Iterator[Line | None]:
+    yield from lines
+    yield None
 
 
 class HFSource(RecordSource):
@@ -343,7 +308,12 @@ class HFSource(RecordSource):
             raise DataError(
                 "data.source='hf' needs the datasets package: pip install 'moesaic[datasets]'"
             ) from None
-        ds = datasets.load_from_disk(str(paths[0]))
+        try:
+            ds = datasets.load_from_disk(str(paths[0]))
+        except FileNotFoundError as e:
+            raise DataError(
+                f"'{paths[0]}' is not a dataset saved with save_to_disk ({e})"
+            ) from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[next(iter(ds))]
         cols = set(ds.column_names)
@@ -352,24 +322,45 @@ class HFSource(RecordSource):
         if self.text_col is None:
             raise DataError(f"'{paths[0]}' has no 'caption' or 'text' column ({sorted(cols)})")
         self.kinds = IMAGE_KINDS if self.image_col else ("text",)
-        self.ds = ds
+        if self.image_col and isinstance(ds.features[self.image_col], datasets.Image):
+            # Raw bytes, decoded by the one rule here (datasets would decode any size itself).
+            ds = ds.cast_column(self.image_col, datasets.Image(decode=False))
+        self.ds, self.root = ds, paths[0].resolve()
         items = []
         for i, text in enumerate(ds[self.text_col]):
-            if isinstance(text, str) and text.strip():
-                items.append((f"{paths[0]}:{i}", (i, text.strip())))
+            try:
+                text = self._cap(text) if isinstance(text, str) else ""
+            except BadEncoding as e:
+                self.bad("bad_encoding", f"{paths[0]}:{i} ({e})")
+                continue
+            if text:
+                items.append((f"{paths[0]}:{i}", (i, text)))
             else:
                 self.bad("empty_caption", f"{paths[0]}:{i}")
         return items
 
-    def load(self, ref: object) -> Record | None:
+    def load(self, ref: object) -> Record:
         i, text = ref  # type: ignore[misc]
         if self.image_col is None:
             return Record(text=text)
-        img = self.ds[i][self.image_col]
+        where = f"{self.cfg.paths[0]}:{i}"
+        try:
+            img = self.ds[i][self.image_col]
+        except Exception:  # a damaged arrow file
+            raise Skip("bad_image", where) from None
+        if isinstance(img, dict):  # {"bytes": ..., "path": ...}: an image feature, not decoded
+            if img.get("bytes"):
+                img = img["bytes"]
+            elif img.get("path"):  # a file the dataset refers to: only inside its directory
+                path = contained(self.root, img["path"], follow_symlinks=False)
+                if path is None:
+                    raise Skip("outside_root", f"{where} ({img['path']})")
+                img = path
+            else:
+                img = None
         if img is None:
-            self.bad("missing_file", f"row {i}")
-            return None
-        return Record(text=text, images=(to_array(img, self.cfg.image_size, self.cfg.channels),))
+            raise Skip("missing_file", f"{where} (no image)")
+        return Record(text=text, images=(self._image(img, where),))
 
 
 class DigitsSource(RecordSource):
@@ -390,7 +381,7 @@ class DigitsSource(RecordSource):
             items.append((f"digits:{i}", (img, caption)))
         return items
 
-    def load(self, ref: object) -> Record | None:
+    def load(self, ref: object) -> Record:
         from PIL import Image
 
         img, caption = ref  # type: ignore[misc]
@@ -398,21 +389,54 @@ class DigitsSource(RecordSource):
         return Record(text=caption, images=(to_array(pil, self.cfg.image_size, self.cfg.channels),))
 
 
+class OodTextSource(TextSource):
+    """The text files of `eval.ood_text`: every record (no split), drawn as `ood_text`."""
+
+    kinds = ("ood_text",)
+
+    @staticmethod
+    def _select(items: list[tuple[str, object]], split: str) -> list[object]:
+        return [ref for _, ref in sorted(items)]
+
+
+def open_ood_text(cfg: DataConfig, paths: list[str]) -> OodTextSource:
+    """The user's out-of-distribution text set; a path that cannot be read stops the run."""
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise DataError(
+                f"eval.ood_text path '{p}' does not exist; give .txt / .jsonl files or "
+                "directories holding them"
+            )
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise DataError(f"eval.ood_text path '{p}' cannot be read; fix its permissions")
+    ood = dataclasses.replace(
+        cfg, source="text", paths=list(paths), follow_symlinks=False, sources=[]
+    )
+    return OodTextSource(ood, "val", label="eval.ood_text")
+
+
 SOURCES = {
     "folder": FolderSource,
     "text": TextSource,
-    "webdataset": TarSource,
+    "webdataset": ShardSource,
     "hf": HFSource,
     "digits": DigitsSource,
 }
 
 
-def open_source(cfg: DataConfig, split: str) -> RecordSource:
+def open_source(
+    cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, label: str = ""
+) -> RecordSource:
+    """The reader of `data.source` for one split (`label`: how messages name it; `rank` of
+    `world_size`: which WebDataset shards this process reads)."""
+    if cfg.source == "webdataset":
+        return ShardSource(cfg, split, label=label, rank=rank, world_size=world_size)
     if cfg.source == "clips":  # folders of frame images (moesaic/data/clips.py)
         from moesaic.data.clips import ClipSource
 
-        return ClipSource(cfg, split)
-    return SOURCES[cfg.source](cfg, split)
+        return ClipSource(cfg, split, label=label)
+    return SOURCES[cfg.source](cfg, split, label=label)
 
 
 def source_corpus(cfg: DataConfig) -> list[str]:

@@ -12,9 +12,17 @@ Special tokens (added to every tokenizer, ids fixed at 0..4 for trained ones):
   that is missing or not a tokenizer raises `DataError`.
 - otherwise: train on a fixed corpus of the configured source's training split — for the world:
   general text, captions in every register and visual questions, so every caption register and
-  mix shares one tokenizer and their text losses are comparable. The result is cached at
+  mix shares one tokenizer and their text losses are comparable. With the knowledge base on
+  (`data.knowledge.entities > 0`) the corpus also holds `KNOWLEDGE_DOCS` biographies of random
+  people (not those of the base) in training phrasing with every attribute, so one tokenizer
+  serves every size of base and number of attributes (losses stay comparable across them),
+  names split into syllable tokens rather than one token per person, and a world without
+  knowledge keeps its tokenizer unchanged. The result is cached at
   `cache_dir/tokenizers/<hash>/tokenizer.json` (written atomically), the hash covering
   everything that determines it (corpus version, source, paths, seed, vocab size).
+- with `data.sources`: train on the union of every source's training text, in the order the
+  sources are listed (the world's corpus once, however many world sources there are); the
+  cache key lists every source's reader and paths.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from moesaic.errors import DataError
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|boi|>", "<|eoi|>")
 CORPUS_VERSION = "world-v1"
 TRAIN_DOCS = 4000  # general-text documents in the world training corpus
+KNOWLEDGE_CORPUS_VERSION = "knowledge-v1"
+KNOWLEDGE_DOCS = 1000  # biographies added to the world corpus when the knowledge base is on
 
 
 class Tokenizer:
@@ -117,24 +127,32 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(hf)
 
 
-def world_corpus(seed: int) -> Iterator[str]:
-    """The fixed world training corpus: general text, captions of every register, questions."""
+def world_corpus(seed: int, knowledge: bool = False) -> Iterator[str]:
+    """The fixed world training corpus: general text, captions of every register, questions;
+    then, with `knowledge`, biographies of random people (see the module doc)."""
     from moesaic.data.world import captions, scenes, text
+    from moesaic.data.world import knowledge as kb
 
     rng = random.Random(f"tokenizer-corpus:{seed}")
     for i in range(TRAIN_DOCS):
         yield text.general_document(rng)
         scene = scenes.sample_scene(rng, "train")
-        yield captions.caption(scene, ("terse", "plain", "natural")[i % 3], rng)
+        yield captions.caption(scene, tuple(captions.REGISTERS)[i % 3], rng)
         if i % 4 == 0:
             q, a = captions.question_answer(scene, rng)
             yield f"{q} {a}"
+    if knowledge:
+        rng = random.Random(f"tokenizer-corpus-knowledge:{seed}")
+        for _ in range(KNOWLEDGE_DOCS):
+            person = kb.random_entity(rng)
+            yield "".join(t for t, _ in kb.biography(person, len(kb.ATTRIBUTES), rng, "train"))
 
 
-def tokenizer_key(cfg: DataConfig) -> dict:
-    """What determines a trained tokenizer (hashed into its cache directory)."""
-    key = {"corpus": CORPUS_VERSION, "source": cfg.source, "seed": cfg.seed}
-    key["vocab_size"] = cfg.vocab_size
+def _source_key(cfg: DataConfig) -> dict:
+    """The part of the key one source (`data.source`, `data.paths`) contributes."""
+    key: dict = {"source": cfg.source}
+    if cfg.source == "world" and cfg.knowledge.entities:
+        key["knowledge"] = KNOWLEDGE_CORPUS_VERSION
     if cfg.source != "world":
         stats = []
         for p in cfg.paths:
@@ -144,6 +162,39 @@ def tokenizer_key(cfg: DataConfig) -> dict:
             )
         key["paths"] = stats
     return key
+
+
+def _members(cfg: DataConfig) -> list[DataConfig]:
+    from moesaic.data.mixing import member_config
+
+    return [member_config(cfg, s) for s in cfg.source_list()]
+
+
+def tokenizer_key(cfg: DataConfig) -> dict:
+    """What determines a trained tokenizer (hashed into its cache directory)."""
+    key = {"corpus": CORPUS_VERSION, "seed": cfg.seed, "vocab_size": cfg.vocab_size}
+    if cfg.sources:
+        return key | {"sources": [_source_key(m) for m in _members(cfg)]}
+    return key | _source_key(cfg)
+
+
+def training_corpus(cfg: DataConfig) -> list[str]:
+    """The tokenizer's training text: the source's, or the union of every source's."""
+    if cfg.sources:
+        corpus: list[str] = []
+        world_done = False
+        for member in _members(cfg):
+            if member.source == "world":
+                if world_done:
+                    continue
+                world_done = True
+            corpus += training_corpus(member)
+        return corpus
+    if cfg.source == "world":
+        return list(world_corpus(cfg.seed, knowledge=cfg.knowledge.entities > 0))
+    from moesaic.data.sources import source_corpus
+
+    return source_corpus(cfg)
 
 
 def load_tokenizer(cfg: DataConfig, cache_dir: str | Path) -> Tokenizer:
@@ -158,13 +209,7 @@ def load_tokenizer(cfg: DataConfig, cache_dir: str | Path) -> Tokenizer:
             return Tokenizer(HFTokenizer.from_file(str(path)))
         except Exception:
             pass  # a damaged cache entry is rebuilt below
-    if cfg.source == "world":
-        corpus = list(world_corpus(cfg.seed))
-    else:
-        from moesaic.data.sources import source_corpus
-
-        corpus = source_corpus(cfg)
-    tok = train_tokenizer(corpus, cfg.vocab_size)
+    tok = train_tokenizer(training_corpus(cfg), cfg.vocab_size)
     tok.save(path)
     atomic_write(path.parent / "key.json", json.dumps(key, indent=1))
     return tok

@@ -117,7 +117,7 @@ class Sampler:
 
     @classmethod
     def from_run(cls, run) -> Sampler:
-        """From a `moesaic.evaluate.runs.LoadedRun`."""
+        """From a `moesaic.train.runs.LoadedRun`."""
         return cls(run.model, run.tokenizer, run.cfg.data, run.device, run.autocast)
 
     # ------------------------------------------------------------------ layout

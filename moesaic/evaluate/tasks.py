@@ -215,7 +215,7 @@ def run_tasks(
     if n < 1:
         raise ConfigError(f"--n={n} must be >= 1 (held-out examples per task)")
     data = run.cfg.data
-    if data.source != "world":
+    if not data.world_only:
         return _real_data_losses(run, tasks)
     sampler = Sampler.from_run(run)
     image_opts = image_opts or ImageSampling(seed=seed)

@@ -118,8 +118,9 @@ def rollout_to_files(
     opts: ImageSampling | None = None,
 ) -> tuple[Path, Path]:
     """Roll the model forward from one start frame under `actions` and write the start frame
-    and every predicted frame as a PNG strip (`out`, left to right) and an animated GIF (`out`
-    with suffix .gif, half a second per frame), upscaled `scale`× with nearest-neighbour."""
+    and every predicted frame as a strip (`out`, left to right, in the format its suffix names;
+    PNG for an unknown one) and an animated GIF (`out` with suffix .gif, half a second per
+    frame), upscaled `scale`× with nearest-neighbour."""
     from PIL import Image
 
     frames = sampler.rollout(start_HWC[None], [list(actions)], opts)[0]
@@ -136,7 +137,7 @@ def rollout_to_files(
     out = Path(out)
     gif = out.with_suffix(".gif")
     out.parent.mkdir(parents=True, exist_ok=True)
-    strip.save(out, format="PNG")
+    strip.save(out, format=Image.registered_extensions().get(out.suffix.lower(), "PNG"))
     images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=500,
                    loop=0)  # fmt: skip
     print(f"wrote {out} and {gif} (start frame + {len(actions)} predicted)")

@@ -22,9 +22,8 @@ reports total and active parameters next to every number.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
-from moesaic.errors import ConfigError
+from moesaic.errors import ConfigError, did_you_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +83,7 @@ DEFAULT_ARMS = ("dense", "modality", "moe")
 
 def get_arm(name: str) -> Arm:
     if name not in ARMS:
-        hint = difflib.get_close_matches(name, list(ARMS), n=1)
-        extra = f"; did you mean '{hint[0]}'?" if hint else f" (arms: {', '.join(ARMS)})"
-        raise ConfigError(f"unknown arm '{name}'{extra}")
+        raise ConfigError(f"unknown arm '{name}'{did_you_mean(name, ARMS)}")
     return ARMS[name]
 
 

@@ -1,25 +1,25 @@
-"""The modality-competition study: per arm, a text-only, an image-only and a joint run.
+"""The modality-tax study (`moesaic compete`): per arm, a text-only, an image-only and a joint run.
 
-Data ("same data"). With seed s every run uses `data.seed = train.seed = s`; a document of a
-given kind and index is a pure function of the data seed (moesaic.data.packing), whatever the
-mix. The three runs of an arm:
+Same data. With seed s every run uses `data.seed = train.seed = s`; a document of a given kind
+and index is a pure function of the data seed (`data/packing.py`), whatever the mix, so the
+joint run draws the same text documents as the text-only run and the same image documents as
+the image-only run. `data.caption_loss = false` everywhere: captions condition images and carry
+no text loss, so every loss-bearing token of the joint run is one a unimodal run also trains on.
+All arms of a seed see identical data at the same active FFN compute per token.
 
-    text   `data.mix = {text: 1}`, `text_steps` steps
-    image  `data.mix = study.image_mix` (caption→image pairs and bare images), `image_steps`
-           steps, `data.caption_loss = false`: the captions are conditioning only
-    joint  `data.mix` = the document tokens per kind that the two unimodal streams produce
-           (measured by replaying them before training); as many steps as its own stream
-           needs to produce that many tokens (≈ text_steps + image_steps, a few percent fewer
-           because mixed rows pack with less padding)
+Fair comparison (`study.match`, design.md §5):
 
-Because the packer's scheduler keeps every kind exactly at its token share, the joint stream
-draws the same text documents as the text-only run and the same image documents as the
-image-only run, in the same order, interleaved: the joint run sees the union of the unimodal
-runs' data (equal token budget per modality) and nothing else. `data.caption_loss = false`
-everywhere, so every loss-bearing token of the joint run is one that a unimodal run also trains
-on. After training, the joint stream's actual tokens per kind are compared with the unimodal
-ones ("coverage" in summary.json; 1.0 = identical, at most one step's worth more).
-All arms of a seed see identical data, at the same active FFN compute per token.
+* `steps` (default) — the joint run takes exactly the unimodal runs' optimizer steps and
+  learning-rate schedule, and each of its batches stacks one text-only batch and one image-only
+  batch (`data.parts`, `data/stacked.py`): per-modality tokens, per-modality batch per step,
+  steps and schedule are all equal; the only difference is the other modality's gradient in
+  the same update.
+* `tokens` — the joint run mixes both kinds in rows of one batch (`data.mix` = the unimodal
+  runs' document tokens per kind, measured by replaying their streams) and takes as many steps
+  as its stream needs to produce them (≈ twice the unimodal steps, each with about half of
+  each modality's batch). Its **half-batch controls** — unimodal runs at half the batch and
+  twice the steps — measure what more, smaller steps alone do to a unimodal run (the step
+  effect), so it is reported rather than argued.
 """
 
 from __future__ import annotations
@@ -27,39 +27,83 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moesaic.config import Config, load_config
-from moesaic.errors import CheckpointError, ConfigError, MoesaicError
-from moesaic.experiments.arms import get_arm
-from moesaic.experiments.presets import StudyConfig
+from moesaic.config import Config
+from moesaic.errors import ConfigError
+from moesaic.experiments.arms import DEFAULT_ARMS, get_arm
+from moesaic.experiments.compete_presets import PRESETS
+from moesaic.experiments.engine import (
+    RunResult,
+    RunSpec,
+    base_config,
+    run_name,
+    tokenizer_for,
+)
+from moesaic.experiments.study import StudyConfig
 from moesaic.files import atomic_write_text
 
+MATCHES = ("steps", "tokens")
+# variant -> which unimodal reference (None: the joint run)
 VARIANTS = ("text", "image", "joint")
+HALF_VARIANTS = ("text_half", "image_half")
 
 
-class StudyInterrupted(MoesaicError):
-    """A run stopped on a signal; its checkpoint is saved and the study can be continued."""
+@dataclasses.dataclass
+class CompeteConfig(StudyConfig):
+    name: str = "compete"
+    arms: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_ARMS))
+    match: str = "steps"  # steps | tokens (see the module doc)
+    steps: int = 300  # optimizer steps of each unimodal run (and of the joint run with steps)
+    # image-only data: shares of document tokens of caption→image pairs and bare images
+    image_mix: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"caption_image": 0.75, "image": 0.25}
+    )
+    experts: int = 16  # E of the MoE arms (moe-total-matched uses 2G)
+    granularity: int = 4  # G: experts of width F/G, G active per token
+    lr: dict[str, float] = dataclasses.field(default_factory=dict)  # per-arm train.lr
+    analyze: bool = True  # specialisation + sparsity of every MoE arm's joint runs
+    analyze_tokens: str = "last"  # last | all: hidden vectors used for sparsity
+    tasks: bool = False  # task scores (captioning, text-to-image, VQA) via evaluate.tasks
+    task_examples: int = 200  # held-out examples per task
 
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    arm: str
-    variant: str
-    seed: int
-    name: str
-    overrides: tuple[str, ...]
-
-    def run_dir(self, study_dir: Path) -> Path:
-        return study_dir / "runs" / self.name
-
-
-def seeds_of(study: StudyConfig) -> list[int]:
-    return list(range(study.first_seed, study.first_seed + study.seeds))
+    def validate(self) -> CompeteConfig:
+        super().validate()
+        if self.match not in MATCHES:
+            raise ConfigError(
+                f"study.match='{self.match}' is not one of {', '.join(MATCHES)}; steps gives "
+                "the joint run the unimodal runs' steps, tokens their tokens"
+            )
+        for key in ("steps", "experts", "granularity", "task_examples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"study.{key}={getattr(self, key)} must be >= 1")
+        if not self.arms:
+            raise ConfigError("study.arms is empty; name at least one arm, e.g. [dense, moe]")
+        for arm in self.arms:
+            get_arm(arm)
+        for arm in self.lr:
+            if arm not in self.arms:
+                raise ConfigError(f"study.lr names arm '{arm}', which is not in study.arms")
+        bad = [k for k in self.image_mix if k not in ("caption_image", "image")]
+        if bad:
+            raise ConfigError(
+                f"study.image_mix has '{bad[0]}'; the image-only runs use caption_image and "
+                "image documents only (other kinds carry text loss)"
+            )
+        if sum(self.image_mix.values()) <= 0:
+            raise ConfigError("study.image_mix has no positive weight")
+        if self.analyze_tokens not in ("last", "all"):
+            raise ConfigError(f"study.analyze_tokens='{self.analyze_tokens}' must be last or all")
+        if self.experts < 2 * self.granularity and any(
+            get_arm(a).experts == "E" for a in self.arms
+        ):
+            raise ConfigError(
+                f"study.experts={self.experts} must be >= 2 x granularity ({self.granularity}) "
+                "so that routing has a choice"
+            )
+        return self
 
 
 def _mix(mix: dict[str, float]) -> str:
@@ -67,53 +111,40 @@ def _mix(mix: dict[str, float]) -> str:
 
 
 def variant_overrides(
-    study: StudyConfig, variant: str, seed: int, joint: dict[str, Any] | None = None
+    study: CompeteConfig, variant: str, seed: int, plan: dict[str, Any] | None = None
 ) -> list[str]:
     """Data and step overrides of one variant (the arm's model overrides come separately).
 
-    `joint` is the seed's data plan entry ({"mix", "steps"}), needed for the joint variant.
+    `plan` is the seed's token plan (`plan_tokens`), needed for the joint run of
+    `match: tokens`.
     """
     common = ["data.caption_loss=false", f"train.seed={seed}", f"data.seed={seed}"]
+    text, image = {"text": 1.0}, dict(study.image_mix)
+    steps = f"train.steps={study.steps}"
     if variant == "text":
-        return [*common, f"data.mix={_mix({'text': 1.0})}", f"train.steps={study.text_steps}"]
+        return [*common, f"data.mix={_mix(text)}", steps]
     if variant == "image":
-        return [*common, f"data.mix={_mix(study.image_mix)}", f"train.steps={study.image_steps}"]
-    if joint is None:
-        raise ValueError("the joint variant needs the data plan's mix and steps")
-    return [*common, f"data.mix={_mix(joint['mix'])}", f"train.steps={joint['steps']}"]
+        return [*common, f"data.mix={_mix(image)}", steps]
+    if variant in HALF_VARIANTS:
+        cfg = base_config(study)
+        half = cfg.data.batch_size // 2
+        mix = text if variant == "text_half" else image
+        return [
+            *common,
+            f"data.mix={_mix(mix)}",
+            f"data.batch_size={half}",
+            f"train.steps={2 * study.steps}",
+        ]
+    if study.match == "steps":
+        return [*common, f"data.parts=[{_mix(text)}, {_mix(image)}]", steps]
+    if plan is None:
+        raise ValueError("the token-matched joint run needs the token plan's mix and steps")
+    return [*common, f"data.mix={_mix(plan['mix'])}", f"train.steps={plan['steps']}"]
 
 
-def base_config(study: StudyConfig, extra: list[str] | tuple[str, ...] = ()) -> Config:
-    return load_config(study.base, [*study.overrides, *extra])
+# ----------------------------------------------------------------------------- match: tokens
 
-
-# ------------------------------------------------------------------------- data plan
-
-
-def stream_tokens(cfg: Config, tok: Any) -> dict[str, Any]:
-    """Replay a run's training stream without a model: document tokens produced per kind."""
-    from moesaic.data import build_stream
-
-    stream = build_stream(cfg.data, tok, split="train")
-    for _ in range(cfg.train.steps * cfg.train.grad_accum):
-        next(stream)
-    return {"produced": dict(stream.produced), "rows": stream.rows}
-
-
-def steps_to_cover(cfg: Config, tok: Any, tokens: int) -> int:
-    """Optimizer steps after which the stream of `cfg` has produced `tokens` document tokens.
-
-    Mixed rows pack more tightly than unimodal ones (short image documents fill the gaps), so
-    the joint run needs slightly fewer steps than text_steps + image_steps to see the same data.
-    """
-    from moesaic.data import build_stream
-
-    stream = build_stream(cfg.data, tok, split="train")
-    batches = 0
-    while sum(stream.produced.values()) < tokens:
-        next(stream)
-        batches += 1
-    return max(1, -(-batches // cfg.train.grad_accum))
+PLAN_VERSION = 3
 
 
 def _key(*parts: Any) -> str:
@@ -121,286 +152,126 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def tokenizer_for(cfg: Config) -> Any:
-    """The tokenizer a run of `cfg` trains with (it depends on data.seed, so on the seed)."""
-    from moesaic.data import load_tokenizer
-    from moesaic.files import cache_dir
+def _replay(cfg: Config, tok: Any, steps: int | None = None, tokens: int | None = None) -> dict:
+    """Replay a run's training stream without a model: document tokens per kind after `steps`
+    optimizer steps, or the steps after which it has produced `tokens` document tokens."""
+    from moesaic.data import build_stream
 
-    return load_tokenizer(cfg.data, cache_dir())
+    stream = build_stream(cfg.data, tok, split="train")
+    batches = 0
+    while (steps is not None and batches < steps * cfg.train.grad_accum) or (
+        tokens is not None and sum(stream.produced.values()) < tokens
+    ):
+        next(stream)
+        batches += 1
+    return {"produced": dict(stream.produced), "steps": max(1, -(-batches // cfg.train.grad_accum))}
 
 
-PLAN_VERSION = 2
-
-
-def plan_data(study: StudyConfig, study_dir: Path, log: Callable) -> dict[str, Any]:
-    """Per seed: tokens per kind of the unimodal streams → the joint mix and step count.
-
-    The joint mix is the unimodal runs' document tokens per kind; its steps are the fewest
-    after which the joint stream has produced as many document tokens as both unimodal streams
-    together (at most one step's worth more). Cached in `data-plan.json`.
-    """
-    path = study_dir / "data-plan.json"
+def plan_tokens(study: CompeteConfig, study_dir: Path, log: Callable) -> dict[str, Any]:
+    """Per seed, the token-matched joint run: its mix (the unimodal runs' document tokens per
+    kind) and its steps (the fewest after which its stream has produced as many document
+    tokens as both unimodal streams together). Cached in `token-plan.json`."""
+    path = study_dir / "token-plan.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     plan: dict[str, Any] = {}
-    for seed in seeds_of(study):
-        old = cached.get(str(seed), {})
-        per = {}
+    for seed in study.seed_list():
         tok = tokenizer_for(base_config(study, variant_overrides(study, "text", seed)))
+        produced: dict[str, int] = {}
         for variant in ("text", "image"):
             cfg = base_config(study, variant_overrides(study, variant, seed))
-            key = _key(PLAN_VERSION, cfg.data.__dict__, cfg.train.steps, cfg.train.grad_accum)
-            if old.get(variant, {}).get("key") == key:
-                per[variant] = old[variant]
-                continue
-            log(f"planning data: replaying the {variant}-only stream of seed {seed}")
-            per[variant] = {"key": key, **stream_tokens(cfg, tok)}
-        produced = {**per["text"]["produced"], **per["image"]["produced"]}
-        joint = {"mix": {k: float(v) for k, v in sorted(produced.items())}}
-        cfg = base_config(study, variant_overrides(study, "joint", seed, {**joint, "steps": 1}))
-        key = _key(PLAN_VERSION, cfg.data.__dict__, cfg.train.grad_accum)
-        if old.get("joint", {}).get("key") == key:
-            joint = old["joint"]
-        else:
-            log(f"planning data: steps of the joint run of seed {seed}")
-            joint |= {"key": key, "steps": steps_to_cover(cfg, tok, sum(produced.values()))}
-        plan[str(seed)] = {**per, "joint": joint}
+            produced |= _replay(cfg, tok, steps=cfg.train.steps)["produced"]
+        mix = {k: float(v) for k, v in sorted(produced.items())}
+        cfg = base_config(study, variant_overrides(study, "joint", seed, {"mix": mix, "steps": 1}))
+        key = _key(PLAN_VERSION, cfg.data.__dict__, cfg.train.grad_accum, produced)
+        entry = cached.get(str(seed), {})
+        if entry.get("key") != key:
+            log(f"planning the token-matched joint run of seed {seed}")
+            steps = _replay(cfg, tok, tokens=sum(produced.values()))["steps"]
+            entry = {"key": key, "mix": mix, "steps": steps, "unimodal_tokens": produced}
+        plan[str(seed)] = entry
     atomic_write_text(path, json.dumps({**cached, **plan}, indent=1))
     return plan
 
 
-# ------------------------------------------------------------------------- runs
-
-
-def plan_runs(study: StudyConfig, data_plan: dict[str, Any]) -> list[RunSpec]:
-    """Every run of the study, seed-major (a complete first seed comes first)."""
-    specs = []
-    for seed in seeds_of(study):
-        joint = data_plan[str(seed)]["joint"]
-        for arm_name in study.arms:
-            arm = get_arm(arm_name)
-            arm_over = arm.overrides(study.experts, study.granularity)
-            if arm_name in study.lr:
-                arm_over.append(f"train.lr={study.lr[arm_name]}")
-            for variant in VARIANTS:
-                name = f"{arm_name}-{variant}-s{seed}"
-                over = [*arm_over, *variant_overrides(study, variant, seed, joint)]
-                specs.append(RunSpec(arm_name, variant, seed, name, tuple(over)))
-    return specs
-
-
-def run_config(study: StudyConfig, spec: RunSpec, study_dir: Path) -> Config:
-    return base_config(study, [*spec.overrides, f"name={spec.name}", f"out={study_dir / 'runs'}"])
-
-
-def fingerprint(cfg: Config, vocab_size: int) -> str:
-    """The Trainer's fingerprint of a run config (model dims resolved as the Trainer does)."""
-    from moesaic.runconfig import config_fingerprint, resolve_model_dims
-
-    return config_fingerprint(resolve_model_dims(cfg, vocab_size))
-
-
-def _check_same_run(cfg: Config, run_dir: Path, vocab_size: int) -> None:
-    from moesaic.runconfig import config_fingerprint
-
-    saved = load_config(run_dir / "config.yaml")
-    if config_fingerprint(saved) != fingerprint(cfg, vocab_size) or (
-        saved.train.steps != cfg.train.steps
-    ):
-        raise ConfigError(
-            f"run '{run_dir}' was trained with a different configuration than this study asks "
-            "for; pass another --out (or study.name=...) or delete that run directory"
-        )
-
-
-def ensure_run(cfg: Config, run_dir: Path) -> tuple[dict[str, Any], str]:
-    """Train (or resume, or reuse) one run; returns (summary.json content, what happened)."""
-    from moesaic.train.dist_checkpoint import latest_any_checkpoint
-    from moesaic.train.loop import Trainer
-
-    vocab_size = tokenizer_for(cfg).vocab_size
-    summary_path = run_dir / "summary.json"
-    if (run_dir / "config.yaml").is_file():
-        _check_same_run(cfg, run_dir, vocab_size)
-        if summary_path.is_file():
-            done = json.loads(summary_path.read_text())
-            if done.get("status") == "finished" and done.get("step") == cfg.train.steps:
-                return done, "reused"
-        try:
-            found, _ = latest_any_checkpoint(run_dir / "checkpoints", fingerprint(cfg, vocab_size))
-        except CheckpointError:
-            raise CheckpointError(
-                f"the checkpoint of unfinished run '{run_dir}' was written by a different "
-                "configuration or version of moesaic and cannot be resumed; delete that run "
-                "directory to train it again"
-            ) from None
-        if found is not None:
-            summary = Trainer(cfg, run_dir, resume=True).run()
-            return summary, "resumed"
-        shutil.rmtree(run_dir)  # started but never checkpointed: nothing to keep
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise CheckpointError(f"'{run_dir}' exists but is not a moesaic run; move it away")
-    summary = Trainer(cfg, run_dir).run()
-    return summary, "trained"
-
-
-def joint_coverage(study_dir: Path, data_plan: dict, seed: int, arm: str) -> dict | None:
-    """Document tokens per kind the joint run actually consumed ÷ the unimodal runs'."""
-    from moesaic.train.dist_checkpoint import latest_any_checkpoint
-
-    found, _ = latest_any_checkpoint(study_dir / "runs" / f"{arm}-joint-s{seed}" / "checkpoints")
-    if found is None:
-        return None
-    seen = found.state["data"]["produced"]
-    plan = data_plan[str(seed)]
-    want = {**plan["text"]["produced"], **plan["image"]["produced"]}
-    return {
-        "joint_tokens": seen,
-        "unimodal_tokens": want,
-        "ratio": {k: seen.get(k, 0) / v for k, v in want.items() if v},
-    }
-
-
-# ------------------------------------------------------------------------- task metrics
-
+# ----------------------------------------------------------------------------- the experiment
 
 # Tasks with a meaning for each variant: the image-only run also learns to generate from
 # captions (the reference for text-to-image); captioning and VQA need both modalities.
 VARIANT_TASKS = {"text": (), "image": ("t2i",), "joint": ("caption", "t2i", "vqa")}
 
 
-def task_metrics(run_dir: Path, variant: str, enabled: bool, n: int) -> dict[str, float]:
-    """Task scores of a finished run via `moesaic.evaluate.tasks` (cached in tasks.json).
+def task_metrics(run_dir: Path, variant: str, n: int) -> dict[str, float]:
+    """Task scores of a finished run (`moesaic.evaluate.tasks`), cached in its tasks.json."""
+    from moesaic.evaluate.tasks import run_tasks
+    from moesaic.train.runs import load_run
 
-    Calls `run_tasks(loaded_run, tasks=VARIANT_TASKS[variant], n=n)` (flat {name: value});
-    {} when disabled, when the variant has no meaningful task, or when the module is absent.
-    """
-    tasks = VARIANT_TASKS[variant]
-    if not enabled or not tasks:
+    tasks = VARIANT_TASKS.get(variant, ())
+    if not tasks:
         return {}
     path = run_dir / "tasks.json"
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("n") == n and cached.get("tasks") == list(tasks):
             return cached["metrics"]
-    import importlib
-
-    try:
-        module = importlib.import_module("moesaic.evaluate.tasks")
-    except ModuleNotFoundError as e:
-        if e.name == "moesaic.evaluate.tasks":
-            return {}
-        raise
-    from moesaic.evaluate.runs import load_run
-
-    raw = module.run_tasks(load_run(run_dir), tasks=tasks, n=n)
-    metrics = {
-        str(k): float(v)
-        for k, v in raw.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    metrics = {k: float(v) for k, v in run_tasks(load_run(run_dir), tasks=tasks, n=n).items()}
     atomic_write_text(
         path, json.dumps({"n": n, "tasks": list(tasks), "metrics": metrics}, indent=1)
     )
     return metrics
 
 
-# ------------------------------------------------------------------------- the study
+class Compete:
+    name = "tax"
+    config_class = CompeteConfig
 
+    presets = PRESETS
 
-def run_study(
-    study: StudyConfig, out: str | Path, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """Train every missing run, evaluate, analyse, write summary.json and report.html."""
-    from moesaic.experiments.summary import build_summary, write_outputs
+    def variants(self, study: CompeteConfig) -> tuple[str, ...]:
+        return VARIANTS + (HALF_VARIANTS if study.match == "tokens" else ())
 
-    study_dir = Path(out) / study.name
-    study_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(study_dir / "study.json", json.dumps(dataclasses.asdict(study), indent=1))
-    data_plan = plan_data(study, study_dir, log)
-    specs = plan_runs(study, data_plan)
-    summaries, tasks = train_all(study, study_dir, specs, log)
-    analyses: dict[str, dict[str, Any]] = {}
-    if study.analyze:
-        analyses = analyze_joint_runs(study, study_dir, log)
-    return write_outputs(
-        build_summary(study, study_dir, specs, summaries, tasks, analyses, data_plan),
-        study_dir,
-        analyses,
-    )
-
-
-def _run_one(
-    study: StudyConfig, study_dir: Path, spec: RunSpec
-) -> tuple[dict[str, Any], dict[str, float], str, float]:
-    """Train / resume / reuse one run and its task metrics (also a worker-process entry)."""
-    t0 = time.perf_counter()
-    run_dir = spec.run_dir(study_dir)
-    cfg = run_config(study, spec, study_dir)
-    summary, how = ensure_run(cfg, run_dir)
-    finished = summary.get("status") == "finished"
-    tasks = task_metrics(run_dir, spec.variant, study.tasks and finished, study.task_examples)
-    return summary, tasks, how, time.perf_counter() - t0
-
-
-def train_all(
-    study: StudyConfig, study_dir: Path, specs: list[RunSpec], log: Callable
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
-    """Every run, `study.jobs` at a time (runs are independent: the joint mix is planned)."""
-    summaries: dict[str, dict[str, Any]] = {}
-    tasks: dict[str, dict[str, float]] = {}
-    done = 0
-
-    def record(spec: RunSpec, result: tuple) -> None:
-        nonlocal done
-        summary, task_values, how, seconds = result
-        done += 1
-        if summary.get("status") != "finished":
-            raise StudyInterrupted(
-                f"stopped during {spec.name} (checkpoint saved); run the same command again "
-                "to continue the study"
+    def plan(self, study: CompeteConfig, study_dir: Path, log: Callable) -> list[RunSpec]:
+        """Every run, seed-major (a complete first seed comes first)."""
+        if study.match == "tokens" and base_config(study).data.batch_size % 2:
+            raise ConfigError(
+                f"study.match=tokens runs half-batch controls: data.batch_size="
+                f"{base_config(study).data.batch_size} must be even"
             )
-        summaries[spec.name], tasks[spec.name] = summary, task_values
-        losses = summary.get("eval", {})
-        shown = ", ".join(
-            f"{k}={losses[k]:.4f}" for k in ("text/text", "image/image") if k in losses
-        )
-        log(f"[{done}/{len(specs)}] {spec.name}: {how} ({seconds:.0f} s) {shown}")
+        tokens = plan_tokens(study, study_dir, log) if study.match == "tokens" else {}
+        specs = []
+        for seed in study.seed_list():
+            for arm_name in study.arms:
+                arm = get_arm(arm_name)
+                arm_over = arm.overrides(study.experts, study.granularity)
+                if arm_name in study.lr:
+                    arm_over.append(f"train.lr={study.lr[arm_name]}")
+                for variant in self.variants(study):
+                    over = variant_overrides(study, variant, seed, tokens.get(str(seed)))
+                    tags = (("arm", arm_name), ("variant", variant), ("seed", seed))
+                    name = run_name(arm_name, variant, f"s{seed}")
+                    specs.append(RunSpec(name, tuple([*arm_over, *over]), tags))
+        return specs
 
-    if study.jobs <= 1:
-        for spec in specs:
-            record(spec, _run_one(study, study_dir, spec))
-        return summaries, tasks
-    import functools
+    def after_run(self, study: CompeteConfig, spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+        if not study.tasks:
+            return {}
+        return {"tasks": task_metrics(run_dir, spec.tag("variant"), study.task_examples)}
 
-    from moesaic.experiments.workers import run_parallel
+    def summarize(
+        self, study: CompeteConfig, study_dir: Path, results: list[RunResult], log: Callable
+    ) -> dict[str, Any]:
+        from moesaic.experiments.tax_summary import summarize
 
-    try:
-        run_parallel(functools.partial(_run_one, study, study_dir), specs, study.jobs, record)
-    except KeyboardInterrupt:
-        raise StudyInterrupted(
-            "study interrupted (running runs saved a checkpoint); run the same command "
-            "again to continue"
-        ) from None
-    return summaries, tasks
+        return summarize(study, study_dir, results, log)
+
+    def report(self, summary: dict[str, Any], study_dir: Path) -> Any:
+        from moesaic.report.study import study_report
+
+        return study_report(summary, study_dir)
+
+    def console(self, summary: dict[str, Any]) -> str:
+        from moesaic.experiments.tax_summary import console_text
+
+        return console_text(summary)
 
 
-def analyze_joint_runs(study: StudyConfig, study_dir: Path, log: Callable) -> dict[str, Any]:
-    """Specialisation + sparsity of each arm's joint run of the first seed (cached)."""
-    from moesaic.analysis.runs import analyze_run
-
-    out = {}
-    seed = study.first_seed
-    for arm in study.arms:
-        run_dir = study_dir / "runs" / f"{arm}-joint-s{seed}"
-        path = run_dir / "analysis.json"
-        summary = json.loads((run_dir / "summary.json").read_text())
-        if path.is_file():
-            cached = json.loads(path.read_text())
-            if cached.get("step") == summary.get("step") and (
-                cached.get("tokens") == study.analyze_tokens
-            ):
-                out[arm] = cached
-                continue
-        log(f"analysing {run_dir.name}")
-        out[arm] = analyze_run(run_dir, tokens=study.analyze_tokens)
-    return out
+EXPERIMENT = Compete()

@@ -12,7 +12,8 @@ import dataclasses
 from torch import Tensor, nn
 
 from moesaic.batch import Modality
-from moesaic.model.dispatch import Experts, dispatch, swiglu
+from moesaic.model.dispatch import dispatch
+from moesaic.model.experts import Experts, swiglu
 
 NUM_MODALITIES = len(Modality)  # rows of the per-modality routing statistics
 

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from moesaic.batch import NUM_DOC_KINDS, Modality
 from moesaic.config import FFNConfig
-from moesaic.model.dispatch import Experts, dispatch
+from moesaic.model.dispatch import dispatch
+from moesaic.model.experts import Experts
 from moesaic.model.ffn import NUM_MODALITIES, DenseFFN, ModalityFFN, TokenMeta, modality_slot
 
 TIME_BINS = 10
@@ -62,7 +63,7 @@ class MoE(nn.Module):
         E, H = cfg.experts, cfg.expert_hidden
         self.num_experts, self.dim, self.hidden = E, dim, H
         self.num_shared = 0 if cfg.shared == "none" else 1
-        self.top_k = cfg.active_experts - self.num_shared
+        self.top_k = cfg.routed_experts
         self.score, self.renormalize, self.grouped = cfg.score, cfg.renormalize, cfg.groups
         self.aux_weight, self.z_weight, self.bias_rate = cfg.aux_loss, cfg.z_loss, cfg.bias_rate
         self.router = nn.Linear(dim, E, bias=False)

@@ -1,22 +1,32 @@
 """The CPU expert kernel (`csrc/experts.cpp`): built on first use, then loaded from a cache.
 
 `moesaic` ships the kernel as C++ source and compiles it with `torch.utils.cpp_extension`
-(ninja and a C++ compiler with OpenMP) the first time a process needs it, once per torch and
-Python version, into `$MOESAIC_NATIVE_DIR` (default `$MOESAIC_CACHE/native/...`, that by default
-`~/.cache/moesaic`). Later processes load the built library in well under a second.
-`MOESAIC_NATIVE=0` turns it off: `model.ffn.dispatch=auto` then uses the pure-PyTorch paths,
-and `=native` is refused.
+(ninja and a C++ compiler with OpenMP) the first time a process needs it, into a directory
+under `$MOESAIC_NATIVE_DIR` (default `$MOESAIC_CACHE/native/`, that by default
+`~/.cache/moesaic`) named by what determines the library: the torch version, the Python ABI
+and a hash of the kernel source's content, the compiler flags and the compiler. The source is
+copied into that directory and built there, so checkouts in different places with the same
+source share one build (torch's builder would otherwise rebuild whenever the source path
+changes). A file lock in the directory serialises builders: a second process waits for the
+first build, then loads it. Later processes load the built library directly, in well under a
+second. `MOESAIC_NATIVE=0` turns it off: `model.ffn.dispatch=auto` then uses the pure-PyTorch
+paths, and `=native` is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import importlib.util
+import json
 import logging
 import os
 import shutil
 import sys
 import sysconfig
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -24,10 +34,12 @@ import torch
 from torch import Tensor
 
 from moesaic.errors import ConfigError
-from moesaic.files import cache_dir
+from moesaic.files import atomic_write_bytes, atomic_write_text, cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "experts.cpp"
 NAME = "moesaic_experts"
+CFLAGS = ("-O3", "-fopenmp")
+BUILT = "built.json"  # written after a successful build: the library's file name
 
 
 class NativeUnavailable(RuntimeError):
@@ -44,11 +56,14 @@ def enabled() -> bool:
 
 
 def build_dir() -> Path:
-    """Where the built library lives: per torch version and Python ABI."""
+    """Where the built library lives: one directory per torch version, Python ABI, kernel source
+    content, compiler flags and compiler (never per checkout path)."""
     root = os.environ.get("MOESAIC_NATIVE_DIR")
     base = Path(root) if root else cache_dir() / "native"
     abi = sysconfig.get_config_var("SOABI") or f"py{sys.version_info[0]}{sys.version_info[1]}"
-    return base / f"torch-{torch.__version__}-{abi}"
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(json.dumps([list(CFLAGS), os.environ.get("CXX", "c++")]).encode())
+    return base / f"torch-{torch.__version__}-{abi}-{key.hexdigest()[:16]}"
 
 
 def _ninja_on_path() -> None:
@@ -92,17 +107,68 @@ def _reason(e: Exception) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def _build() -> ModuleType:
-    from torch.utils import cpp_extension
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on `directory` (released by the OS if its holder dies)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here: builders are not serialised
+        yield
+        return
+    with open(directory / "build.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                "moesaic: waiting for another process building the CPU expert kernel",
+                file=sys.stderr,
+                flush=True,
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
+
+def _import_library(path: Path) -> ModuleType:
+    """Import a built extension module from its file (what torch's loader does after a build)."""
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load '{path}'")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build() -> ModuleType:
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob(f"{NAME}*.so")):
+    with _build_lock(directory):
+        built = directory / BUILT
+        if built.is_file():
+            library = directory / json.loads(built.read_text())["library"]
+            if library.is_file():
+                return _import_library(library)
         print(
-            "moesaic: compiling the CPU expert kernel (once per torch version, about 40 s)",
+            "moesaic: compiling the CPU expert kernel (once per kernel source and torch "
+            "version, about 40 s)",
             file=sys.stderr,
             flush=True,
         )
+        source = directory / SOURCE.name
+        text = SOURCE.read_bytes()
+        if not source.is_file() or source.read_bytes() != text:
+            atomic_write_bytes(source, text)
+        (directory / "lock").unlink(missing_ok=True)  # torch's own baton, left by a killed build
+        module = _compile(directory, source)
+        atomic_write_text(built, json.dumps({"library": Path(module.__file__).name}))
+        return module
+
+
+def _compile(directory: Path, source: Path) -> ModuleType:
+    from torch.utils import cpp_extension
+
     _ninja_on_path()
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
@@ -112,8 +178,8 @@ def _build() -> ModuleType:
             warnings.simplefilter("ignore")
             return cpp_extension.load(
                 NAME,
-                [str(SOURCE)],
-                extra_cflags=["-O3", "-fopenmp"],
+                [str(source)],
+                extra_cflags=list(CFLAGS),
                 build_directory=str(directory),
                 verbose=False,
             )
@@ -167,31 +233,3 @@ def chosen(backend: str, x: Tensor, *weights: Tensor) -> bool:
             "use model.ffn.dispatch=auto"
         )
     return ok and (backend == "native" or available())
-
-
-class _NativeExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_SD, w1_EDH, w2_EHD, counts_E, scale_S):
-        ext = load()
-        y_SD, gate_up = ext.experts_forward(x_SD, w1_EDH, w2_EHD, counts_E, scale_S)
-        ctx.save_for_backward(x_SD, w1_EDH, w2_EHD, counts_E, scale_S, gate_up)
-        return y_SD
-
-    @staticmethod
-    def backward(ctx, g_SD):
-        x_SD, w1, w2, counts_E, scale_S, gate_up = ctx.saved_tensors
-        ext = load()
-        dx, dw1, dw2, dscale = ext.experts_backward(g_SD, x_SD, w1, w2, counts_E, scale_S, gate_up)
-        return dx, dw1, dw2, None, dscale if ctx.needs_input_grad[4] else None
-
-
-def experts(
-    x_SD: Tensor, w1_EDH: Tensor, w2_EHD: Tensor, counts_E: Tensor, scale_S: Tensor | None
-) -> Tensor:
-    """SwiGLU experts over rows sorted by expert, [S, D] -> [S, D], on the CPU kernel.
-
-    w1 [E, D, 2H] (gate | up), w2 [E, H, D], counts_E int64 rows per expert, scale_S (fp32 or
-    wider, or None) multiplies each row's activation before the down projection.
-    """
-    counts = counts_E.to(device="cpu", dtype=torch.int64)
-    return _NativeExperts.apply(x_SD, w1_EDH, w2_EHD, counts, scale_S)

@@ -6,6 +6,7 @@
 
 Pre-norm blocks (RMSNorm) with rotary attention (optional QK-norm) and a feed-forward layer
 that is dense, per-modality or a mixture of experts (`ffn.py`, `moe.py`); no biases anywhere.
+Blocks listed in `memory.layers` first add a hashed n-gram lookup memory (`memory.py`).
 Attention is causal across the sequence, bidirectional inside an image block and blocked
 across documents. Video frames are image blocks of their own (modality VIDEO, own `image_id`
 and flow time): they enter and leave through the same patch projections as images, see every
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from moesaic.batch import Batch, DocKind
 from moesaic.config import FFNConfig, ModelConfig
 from moesaic.errors import ConfigError
-from moesaic.model import flex, heads
+from moesaic.model import flex, heads, memory
 from moesaic.model.ffn import DenseFFN, ModalityFFN, TokenMeta
 from moesaic.model.moe import MoE
 from moesaic.model.norm import RMSNorm
@@ -131,6 +132,7 @@ class LayerKV:
     def __init__(self) -> None:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self.memory: Tensor | None = None  # the n-gram memory's conv inputs (memory.py)
 
     def extend(self, k_BHLd: Tensor, v_BHLd: Tensor) -> tuple[Tensor, Tensor]:
         """Append a new chunk's keys and values; return all of them so far."""
@@ -155,6 +157,7 @@ class KVCache:
         self.layers: list[LayerKV] = []
         self.doc_id: Tensor | None = None  # [B, L_cached]
         self.image_id: Tensor | None = None
+        self.memory: tuple[Tensor, ...] | None = None  # last ids for n-gram memory (memory.py)
 
     def layer(self, i: int) -> LayerKV:
         while len(self.layers) <= i:
@@ -214,14 +217,24 @@ def build_ffn(cfg: FFNConfig, dim: int, layer: int) -> nn.Module:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        in_memory = layer in cfg.memory.layers
+        self.memory = memory.NgramMemory(cfg, layer) if in_memory else None
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = build_ffn(cfg.ffn, cfg.dim, layer)
 
     def forward(
-        self, x_BLD: Tensor, rope, mask, meta: TokenMeta, kv: LayerKV | None = None
+        self,
+        x_BLD: Tensor,
+        rope,
+        mask,
+        meta: TokenMeta,
+        kv: LayerKV | None = None,
+        ngrams: memory.NgramContext | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        if self.memory is not None:  # its own residual add, first: attention and FFN see it
+            x_BLD = x_BLD + self.memory(x_BLD, ngrams, kv)
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, mask, kv)
         B, L, D = x_BLD.shape
         y_TD, aux = self.ffn(self.ffn_norm(x_BLD).reshape(B * L, D), meta)
@@ -277,6 +290,8 @@ class Transformer(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.wo.weight, std=out_std)
             block.ffn.reset_parameters(std, out_std)
+            if block.memory is not None:
+                block.memory.reset_parameters(std, out_std)
 
     def uses_flex(self, device: torch.device) -> bool:
         """`auto` picks FlexAttention on CUDA; on CPU it has no backward (inference only)."""
@@ -314,6 +329,12 @@ class Transformer(nn.Module):
             start = len(cache) if cache is not None else 0
             positions = torch.arange(start, start + L, device=batch.tokens.device).expand(B, L)
         rope = self.rotary(positions)
+        ngrams = None
+        if self.cfg.memory.layers:
+            use_BL = batch.text_mask & (batch.doc_kind != DocKind.PAD)
+            ngrams = memory.ngram_context(
+                batch.tokens, batch.doc_id, use_BL, self.cfg.memory, cache
+            )
         if cache is not None:
             mask = cache.extend_mask(batch.doc_id, batch.image_id)
         elif self.uses_flex(batch.tokens.device):
@@ -329,7 +350,7 @@ class Transformer(nn.Module):
         x = self.embed(batch)
         hidden, aux_terms = [], []
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, rope, mask, meta, None if cache is None else cache.layer(i))
+            x, aux = block(x, rope, mask, meta, None if cache is None else cache.layer(i), ngrams)
             if aux is not None:
                 aux_terms.append(aux)
             if output_hidden_states:

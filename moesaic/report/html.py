@@ -1,10 +1,7 @@
 """A self-contained HTML report: text, tables and figures embedded as base64 PNG.
 
 Nothing in the page refers to another file or URL, so `report.html` can be mailed, archived or
-opened offline. All text passes through `html.escape`. A small inline script checks, once the
-page has loaded, that every image decoded (`complete && naturalWidth > 0`) and records the
-outcome on `<body data-render="ok:N">` (or `broken:...`), together with any script error;
-the rendering test reads it from headless Chromium's DOM dump.
+opened offline. All text passes through `html.escape`; the page holds no script.
 """
 
 from __future__ import annotations
@@ -31,23 +28,6 @@ figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .85em; color: #555; }
 .note { background: #f7f7f0; border-left: 4px solid #cc9; padding: .5em 1em; }
 code { background: #f3f3f3; padding: 0 .2em; }
-"""
-
-# Runs on load: verifies every <img> decoded and reports script errors, into the DOM.
-RENDER_CHECK = """
-(function () {
-  var errors = [];
-  window.addEventListener("error", function (e) { errors.push(String(e.message)); });
-  window.addEventListener("load", function () {
-    var imgs = document.getElementsByTagName("img"), bad = [];
-    for (var i = 0; i < imgs.length; i++) {
-      if (!(imgs[i].complete && imgs[i].naturalWidth > 0)) { bad.push(imgs[i].alt || i); }
-    }
-    var status = bad.length ? "broken:" + bad.join("|") : "ok:" + imgs.length;
-    if (errors.length) { status += ";errors:" + errors.join("|"); }
-    document.body.setAttribute("data-render", status);
-  });
-})();
 """
 
 
@@ -125,7 +105,7 @@ class HtmlReport:
         return (
             '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{esc(self.title)}</title><style>{STYLE}</style>"
-            f"<script>{RENDER_CHECK}</script></head>\n<body>\n{body}\n</body></html>\n"
+            f"</head>\n<body>\n{body}\n</body></html>\n"
         )
 
     def write(self, path: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""Figures of a competition study (matplotlib, Agg backend; each function returns a Figure).
+"""Figures of a study (matplotlib, Agg backend; each function returns a Figure).
 
 Inputs are plain data (lists / dicts / arrays as written to summary.json, analysis.json and
 metrics.jsonl), never models, so a report can be rebuilt from a study directory alone.
@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
 from moesaic.jsonsafe import as_float  # noqa: E402
 
@@ -105,26 +105,36 @@ def loss_curves(
     return fig
 
 
+def _ci_errors(stats: Sequence[Mapping[str, Any]]) -> tuple[list[float], np.ndarray]:
+    """Means and the [2, n] error-bar lengths of their 95 % intervals (0 where undefined)."""
+    means, err = [], np.zeros((2, len(stats)))
+    for i, st in enumerate(stats):
+        mean = as_float(st.get("mean"))
+        low, high = (as_float(v) for v in (st.get("ci95") or (None, None)))
+        means.append(mean)
+        if math.isfinite(mean) and math.isfinite(low) and math.isfinite(high):
+            err[:, i] = (mean - low, high - mean)
+    return means, err
+
+
 def tax_bars(
     taxes: Mapping[str, Mapping[str, Mapping[str, Any]]], labels: Mapping[str, str]
 ) -> Figure:
-    """Grouped bars: metric groups on x, one bar per arm (mean tax %), error bar = std.
+    """Grouped bars: metric groups on x, one bar per arm (mean tax %), error bar = 95 % interval.
 
-    `taxes[arm][metric] = {"mean": .., "std": ..}` (the summary.json "tax" entries)."""
+    `taxes[arm][metric]` is a summary.json Stat ({"mean", "ci95", ...})."""
     arms = list(taxes)
     metrics = [m for m in labels if any(m in taxes[a] for a in arms)]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(metrics) + 2), 3.8))
     width = 0.8 / max(len(arms), 1)
     x = np.arange(len(metrics))
     for i, arm in enumerate(arms):
-        means = [as_float(taxes[arm].get(m, {}).get("mean")) for m in metrics]
-        stds = [as_float(taxes[arm].get(m, {}).get("std")) for m in metrics]
-        stds = [s if math.isfinite(s) else 0.0 for s in stds]
+        means, err = _ci_errors([taxes[arm].get(m, {}) for m in metrics])
         ax.bar(
             x + (i - (len(arms) - 1) / 2) * width,
             means,
             width,
-            yerr=stds,
+            yerr=err,
             capsize=3,
             label=arm,
             color=_arm_color(i),
@@ -132,6 +142,76 @@ def tax_bars(
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(x, [labels[m] for m in metrics], fontsize=8)
     ax.set_ylabel("modality tax (%)\n> 0 competition, < 0 synergy", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def series_with_intervals(
+    series: Mapping[str, Sequence[Mapping[str, Any]]],
+    x: Sequence[float],
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+) -> Figure:
+    """One line per key (e.g. arm) through Stats at positions `x`, with 95 % interval bars."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (name, stats) in enumerate(series.items()):
+        means, err = _ci_errors(stats)
+        ax.errorbar(
+            np.asarray(x, dtype=float) + 0.01 * i * (0 if logx else 1),
+            means,
+            yerr=err,
+            marker="o",
+            ms=4,
+            capsize=3,
+            label=name,
+            color=_arm_color(i),
+        )
+    ax.axhline(0.0, color="black", lw=0.8)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def curves_with_intervals(
+    series: Mapping[str, tuple[Sequence[float], Sequence[Mapping[str, Any]]]],
+    xlabel: str,
+    ylabel: str,
+    fits: Mapping[str, Mapping[str, Any]] | None = None,
+    logx: bool = False,
+) -> Figure:
+    """One line per key through Stats at its own x positions, with 95 % interval bars and no
+    zero line (for losses). `series[name] = (x, stats)`. `fits[name]`, when given, is a
+    `ParabolaFit.to_dict()`: its parabola is drawn dashed over the series' x range and the
+    bootstrap interval of its lowest point shaded."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (name, (x, stats)) in enumerate(series.items()):
+        means, err = _ci_errors(stats)
+        color = _arm_color(i)
+        ax.errorbar(
+            np.asarray(x, dtype=float), means, yerr=err, marker="o", ms=4, capsize=3,
+            label=name, color=color,
+        )  # fmt: skip
+        fit = (fits or {}).get(name) or {}
+        coef = [as_float(c) for c in fit.get("coef") or ()]
+        if len(coef) == 3 and all(math.isfinite(c) for c in coef) and len(x):
+            xs = np.linspace(min(x), max(x), 100)
+            ax.plot(xs, np.polyval(coef, xs), ls="--", lw=1, color=color)
+            low, high = (as_float(v) for v in fit.get("argmin_ci95") or (None, None))
+            if math.isfinite(low) and math.isfinite(high):
+                ax.axvspan(low, high, color=color, alpha=0.12)
+    if logx:  # ticks at the data's x, written plainly (2, 4, 8, 16)
+        ax.set_xscale("log")
+        ticks = sorted({float(v) for _, (x, _) in series.items() for v in x})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

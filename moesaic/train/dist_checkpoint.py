@@ -12,8 +12,8 @@ processes writes, under the same `step-XXXXXXXX` name and with the same atomic r
                            what evaluation and sampling read, as for a single-process run
         rng.safetensors    every rank's RNG state (`cpu/<rank>`, `cuda/<rank>`)
         state.json         format tag, `"layout": "sharded"`, world size, step, config
-                           fingerprint, every rank's data-stream position, trainer counters,
-                           size + sha256 of every file
+                           fingerprint, every rank's data-stream position, trainer counters
+        manifest.json      size + sha256 of every other file, as for a single process
 
 Loading reads the shards through DCP, which reshards them onto whatever layout the loading
 model has: N ranks, M ranks, any expert-parallel size, or one process with plain tensors.
@@ -30,18 +30,19 @@ new ranks after every document any old rank drew, so no document is seen twice.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -53,12 +54,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from moesaic.errors import CheckpointError
-from moesaic.files import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from moesaic.files import fsync_file
 from moesaic.train import checkpoint as ckpt
 from moesaic.train.distributed import all_gather_object, barrier, broadcast_object, current_world
 
-LAYOUT = "sharded"
-DCP_DIR = "dcp"
+LAYOUT = ckpt.SHARDED
+DCP_DIR = ckpt.DCP_DIR
 
 
 def _distributed() -> bool:
@@ -159,8 +160,27 @@ def is_sharded(path: Path) -> bool:
     return (Path(path) / DCP_DIR).is_dir()
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+def _local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of this rank's shards of the weights and optimizer state (what DCP writes)."""
+    from torch.distributed.tensor import DTensor
+
+    def size(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    total = sum(size(p) for p in model.parameters())
+    for state in optimizer.state.values():
+        total += sum(size(v) for v in state.values() if torch.is_tensor(v))
+    return total
+
+
+def _write_error(root: Path, step: int, e: BaseException) -> CheckpointError:
+    """A one-line error for a failed sharded write (DCP wraps every rank's exception)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    return ckpt.write_failure(root, step, e)
 
 
 def save_sharded_checkpoint(
@@ -171,92 +191,70 @@ def save_sharded_checkpoint(
     rng_tensors: dict[str, torch.Tensor],
     state: dict[str, Any],
     keep: int,
+    warn: ckpt.Warn | None = None,
+    valid: Callable[[Path], bool] | None = None,
 ) -> Path:
     """Write checkpoint `step` of a multi-process run atomically; every rank must call.
 
-    `rng_tensors` and `state["data"]` are this rank's; the rest of `state` is rank 0's.
+    `rng_tensors` and `state["data"]` are this rank's; the rest of `state` is rank 0's. A
+    failure on any rank (no room, an unwritable directory) raises the same one-line
+    CheckpointError on every rank, after rank 0 removed the temporary directory.
     """
     world = current_world()
     root = Path(root)
     final = root / ckpt.checkpoint_dir_name(step)
     tmp = root / broadcast_object(f".tmp-{final.name}-{os.getpid()}")
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = sum(all_gather_object(_local_bytes(model, optimizer))) + full_bytes
+    failure = None
     if world.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / DCP_DIR).mkdir(parents=True)
-    barrier()
-    save_dcp(tmp / DCP_DIR, model, optimizer)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / DCP_DIR).mkdir(parents=True)
+            ckpt.check_free_space(root, needed, step)
+        except CheckpointError as e:
+            failure = str(e)
+        except OSError as e:
+            failure = str(ckpt.write_failure(root, step, e))
+    _raise_on_all_ranks(failure, tmp)
+    try:
+        save_dcp(tmp / DCP_DIR, model, optimizer)
+    except (OSError, SafetensorError, dcp.CheckpointException) as e:
+        _raise_on_all_ranks(str(_write_error(root, step, e)), tmp)
     weights = full_model_state(model)
     rngs = all_gather_object({k: v.cpu() for k, v in rng_tensors.items()})
     data = all_gather_object(state.get("data"))
     if world.is_main:
         rng = {f"{k}/{r}": v for r, d in enumerate(rngs) for k, v in d.items()}
-        payloads = {"model.safetensors": weights, "rng.safetensors": rng}
-        for name, tensors in payloads.items():
-            save_file(ckpt._unique_tensors(tensors), str(tmp / name))
-            fsync_file(tmp / name)
-        files = {
-            str(p.relative_to(tmp)): _file_entry(p) for p in sorted(tmp.rglob("*.safetensors"))
-        }
-        body = {
-            **state,
-            "format": ckpt.FORMAT,
-            "layout": LAYOUT,
-            "world_size": world.world_size,
-            "step": step,
-            "files": files,
-            "data": data,
-        }
-        atomic_write_text(tmp / "state.json", json.dumps(body, indent=1, sort_keys=True))
-        fsync_dir(tmp / DCP_DIR)
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
-        ckpt.prune_checkpoints(root, keep)
+        body = {**state, "layout": LAYOUT, "world_size": world.world_size, "data": data}
+        try:
+            with ckpt.writing(root, step, create=False):
+                for name, tensors in (("model.safetensors", weights), ("rng.safetensors", rng)):
+                    save_file(ckpt._unique_tensors(tensors), str(tmp / name))
+                    fsync_file(tmp / name)
+                ckpt.publish(root, tmp, step, body)
+        except CheckpointError as e:
+            failure = str(e)
+    _raise_on_all_ranks(failure, tmp)
+    if world.is_main:
+        ckpt.prune_checkpoints(root, keep, warn, ckpt._trusting(final, valid))
     barrier()
     return final
 
 
-def verify_sharded(path: Path, fingerprint: str | None = None) -> ckpt.Checkpoint:
-    """Parse and verify a sharded checkpoint; raise CheckpointError naming what is wrong."""
-    path = Path(path)
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"'{path}' is not a moesaic checkpoint (no state.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"'{path / 'state.json'}' is truncated or not JSON") from None
-    if state.get("format") != ckpt.FORMAT or state.get("layout") != LAYOUT:
-        raise CheckpointError(f"'{path}' is not a sharded moesaic checkpoint (format tag)")
-    files = state.get("files", {})
-    if "model.safetensors" not in files or not any(f.startswith(DCP_DIR) for f in files):
-        raise CheckpointError(f"sharded checkpoint '{path}' lists no model or shard files")
-    for name, meta in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint '{path}' is missing {name}")
-        if file.stat().st_size != meta["bytes"]:
-            raise CheckpointError(
-                f"checkpoint file '{file}' is truncated ({file.stat().st_size} of "
-                f"{meta['bytes']} bytes)"
-            )
-        if sha256_file(file) != meta["sha256"]:
-            raise CheckpointError(f"checkpoint file '{file}' is corrupt (sha256 mismatch)")
-    if fingerprint is not None and state.get("config_fingerprint") != fingerprint:
-        raise CheckpointError(
-            f"checkpoint '{path}' was written by a different config; resume with the run's own "
-            "config (see config.yaml in the run directory) or start a new run"
-        )
-    return ckpt.Checkpoint(path=path, step=int(state["step"]), state=state)
+def _raise_on_all_ranks(failure: str | None, tmp: Path) -> None:
+    """Rank 0's failure (or None) on every rank: each raises it, rank 0 after cleaning up."""
+    if failure is not None and current_world().is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    failure = broadcast_object(failure)
+    if failure is not None:
+        raise CheckpointError(failure)
 
 
 def verify_any(path: Path, fingerprint: str | None = None) -> ckpt.Checkpoint:
-    """Verify a checkpoint of either layout."""
-    if is_sharded(path):
-        return verify_sharded(path, fingerprint)
+    """Verify a checkpoint of either layout (`checkpoint.verify_checkpoint` reads both)."""
     return ckpt.verify_checkpoint(path, fingerprint)
 
 
@@ -283,8 +281,15 @@ def restart_stream_state(states: list[dict[str, Any]], rank: int, world_size: in
     documents g < max_r counters_r·N; the new ranks start at the first multiple of the new
     world size past that. Documents the old ranks held over for their next row are skipped,
     never repeated. Token shares (`produced`) are carried over per rank, so the mix stays on
-    target; counts of skipped records and statistics go to rank 0.
+    target; counts of skipped records and statistics go to rank 0. `rows` stays the rows each
+    rank has drawn per step so far (the position checkpoints are checked against).
     """
+    if "parts" in states[0]:  # stacked sub-batches: every part restarts on its own
+        parts = [
+            restart_stream_state([s["parts"][i] for s in states], rank, world_size)
+            for i in range(len(states[0]["parts"]))
+        ]
+        return {**states[0], "rank": rank, "world_size": world_size, "parts": parts}
     try:
         old = len(states)
         kinds = list(states[0]["counters"])
@@ -298,7 +303,7 @@ def restart_stream_state(states: list[dict[str, Any]], rank: int, world_size: in
             for s in states:
                 for key, v in s.get(name, {}).items():
                     total[key] = total.get(key, 0) + int(v)
-        rows = sum(int(s["rows"]) for s in states) // world_size
+        rows = max(int(s["rows"]) for s in states)  # rows per rank: step · batch rows
         return {
             "version": states[0]["version"],
             "rank": rank,

@@ -27,7 +27,7 @@ import dataclasses
 import datetime
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -389,60 +389,3 @@ class NullLog:
 
     def close(self) -> None:
         pass
-
-
-@torch.no_grad()
-def sharded_eval_losses(
-    model: nn.Module,
-    sets: dict[str, list],
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> dict[str, float]:
-    """`evaluate.losses.eval_losses` with each set's batches dealt out over the ranks.
-
-    Rank r evaluates batches r, r+N, …; sums and counts are added over ranks, so the result
-    equals one process evaluating every batch (up to float summation order). When a set has
-    fewer batches than ranks × rounds, the ranks left without one repeat batch 0 and discard
-    the result (and its routing counts), so every rank runs the same number of forward passes,
-    as FSDP and expert parallelism need.
-    """
-    from moesaic.model.moe import moe_layers
-
-    world = current_world()
-    was_training = model.training
-    model.eval()
-    totals = []  # per set: loss sum and positions of text, image and video
-    try:
-        for batches in sets.values():
-            acc = torch.zeros(6, dtype=torch.float64)
-            for start in range(0, len(batches), world.world_size):
-                index = start + world.rank
-                real = index < len(batches)
-                stats = [(b, b.clone()) for m in moe_layers(model) for b in m.buffers() if not real]
-                with autocast():
-                    out = model(batches[index if real else 0].to(device))
-                if real:
-                    tn, im = int(out.text_targets), int(out.image_positions)
-                    vn = int(out.video_positions)
-                    acc += torch.tensor(
-                        [float(out.text_loss) * tn, tn, float(out.image_loss) * im, im,
-                         float(out.video_loss) * vn, vn],
-                        dtype=torch.float64,
-                    )  # fmt: skip
-                for buffer, saved in stats:
-                    buffer.copy_(saved)
-            totals.append(acc)
-    finally:
-        model.train(was_training)
-    summed = all_reduce_sum(torch.stack(totals)) if totals else torch.zeros(0, 6)
-    out: dict[str, float] = {}
-    for name, sums in zip(sets, summed.tolist(), strict=True):
-        text_sum, text_n, image_sum, image_n, video_sum, video_n = sums
-        if text_n:
-            out[f"{name}/text"] = text_sum / text_n
-            out[f"{name}/text_ppl"] = math.exp(min(out[f"{name}/text"], 50.0))
-        if image_n:
-            out[f"{name}/image"] = image_sum / image_n
-        if video_n:
-            out[f"{name}/video"] = video_sum / video_n
-    return out

@@ -2,7 +2,7 @@
 
 The model computes experts behind one function boundary, `moe.experts(x_SD, counts_E,
 scale_S)`: rows already sorted by (global) expert, the number of rows per expert and each
-row's gate (`model/dispatch.py`).
+row's gate (`model/experts.py`).
 `apply_expert_parallel` swaps that module for `ExpertParallelExperts`, which keeps E/P experts
 per rank and, per call,
 
@@ -11,7 +11,8 @@ per rank and, per call,
 2. reads the split sizes on the host (the one synchronisation of the layer);
 3. sends every row, and its gate, to the rank owning its expert (all-to-all, variable splits);
 4. regroups the received rows by local expert (stable, so within an expert rows keep peer
-   order), runs the local experts as one grouped matmul, and restores the received order;
+   order), runs the local experts through `Experts.compute` (the C++ kernel on CPU, one
+   grouped matmul on GPU), and restores the received order;
 5. sends the outputs back with the reverse all-to-all; autograd runs the same exchanges in
    reverse for the backward pass.
 
@@ -31,8 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moesaic.errors import ConfigError
-from moesaic.model import native
-from moesaic.model.dispatch import grouped_matmul, grouped_mm_supported, split_matmul, swiglu
+from moesaic.model.experts import Experts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -63,44 +63,16 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def local_experts(
-    x_SD: Tensor,
-    counts_L: Tensor,
-    scale_S: Tensor | None,
-    w1_LDH: Tensor,
-    w2_LHD: Tensor,
-    backend: str,
-) -> Tensor:
-    """SwiGLU experts over rows grouped by local expert: [S, D] -> [S, D] (S may be 0).
-
-    As `dispatch.Experts.forward`: `scale_S` (fp32 gates) multiplies each row's activation.
-    """
-    if torch.is_autocast_enabled(x_SD.device.type):
-        dtype = torch.get_autocast_dtype(x_SD.device.type)
-        x_SD, w1_LDH, w2_LHD = x_SD.to(dtype), w1_LDH.to(dtype), w2_LHD.to(dtype)
-    if native.chosen(backend, x_SD, w1_LDH, w2_LHD):  # CPU: as on one process
-        return native.experts(x_SD, w1_LDH, w2_LHD, counts_L, scale_S)
-    grouped = (
-        backend != "split" and x_SD.shape[0] > 0 and grouped_mm_supported(x_SD, w1_LDH, w2_LHD)
-    )
-    if grouped:
-        offsets = counts_L.cumsum(0).to(torch.int32)
-        h = swiglu(grouped_matmul(x_SD, w1_LDH, offsets), scale_S)
-        return grouped_matmul(h, w2_LHD, offsets)
-    counts = counts_L.tolist()
-    return split_matmul(swiglu(split_matmul(x_SD, w1_LDH, counts), scale_S), w2_LHD, counts)
-
-
-class ExpertParallelExperts(nn.Module):
-    """Drop-in for `dispatch.Experts` with E/P experts per rank; same names, global shapes.
+class ExpertParallelExperts(Experts):
+    """`Experts` with E/P experts per rank; same parameter names, global shapes.
 
     w_gate_up_EDH: DTensor [E, D, 2H] sharded Shard(0) over `ep_mesh` (local [E/P, D, 2H]);
     w_down_EHD: DTensor [E, H, D] likewise. `forward(x_SD, counts_E, scale_S) -> y_SD` as
-    `Experts`.
+    `Experts`; the local experts run through `Experts.compute`, as on one process.
     """
 
-    def __init__(self, experts: nn.Module, ep_mesh):
-        super().__init__()
+    def __init__(self, experts: Experts, ep_mesh):
+        nn.Module.__init__(self)
         from torch.distributed.tensor import Shard, distribute_tensor
 
         P, E = ep_mesh.size(), experts.num_experts
@@ -122,6 +94,13 @@ class ExpertParallelExperts(nn.Module):
         nn.init.normal_(_local(self.w_gate_up_EDH), std=std)
         nn.init.normal_(_local(self.w_down_EHD), std=out_std)
 
+    def weights(self) -> tuple[Tensor, Tensor]:
+        return _local(self.w_gate_up_EDH), _local(self.w_down_EHD)
+
+    def native_weights(self, x_TD: Tensor) -> None:
+        """Rows are exchanged before the local experts see them: no token-order kernel path."""
+        return None
+
     def forward(self, x_SD: Tensor, counts_E: Tensor, scale_S: Tensor | None = None) -> Tensor:
         P, L = self.ep_size, self.num_local
         counts_E = counts_E.to(torch.int64)
@@ -138,11 +117,10 @@ class ExpertParallelExperts(nn.Module):
         order_R = torch.argsort(expert_R, stable=True)
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(n, device=order_R.device)
-        w1, w2 = _local(self.w_gate_up_EDH), _local(self.w_down_EHD)
         if scale_R is not None:
             scale_R = scale_R.index_select(0, order_R)
         x_RD = x_RD.index_select(0, order_R)
-        y_RD = local_experts(x_RD, recv_PL.sum(0), scale_R, w1, w2, self.backend)
+        y_RD = self.compute(x_RD, *self.weights(), recv_PL.sum(0), scale_R)
         y_RD = y_RD.index_select(0, inverse_R)
         return all_to_all(y_RD, recv, send, self.group)
 

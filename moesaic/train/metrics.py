@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from moesaic.errors import ConfigError
+from moesaic.files import atomic_write_text
 
 
 def _clean(value: Any) -> Any:
@@ -43,9 +43,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         self.writer = None
         if tensorboard:

@@ -3,6 +3,11 @@
 Collectives already fail after `dist.timeout_s`, and torchrun stops all workers when one
 exits. Neither helps a rank that is not inside a collective (or a launcher such as plain
 `srun` that does not watch its tasks) within a short, bounded time; this does.
+
+A rank inside a collective when a peer dies sees the collective fail at once (gloo: "Connection
+reset by peer"). `report_failures` turns that, and any error that follows a failure another
+rank reported, into `PeerFailure`: one line naming the cause (the peer's own error when it
+reported one), instead of a traceback that only shows where this rank was waiting.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import datetime
 import itertools
 import os
+import re
 import sys
 import threading
 import time
@@ -18,9 +24,27 @@ from collections.abc import Iterator
 
 import torch.distributed as dist
 
+from moesaic.errors import MoesaicError
 from moesaic.train.distributed import World
 
 _GENERATION = itertools.count()
+# What gloo / NCCL / the store say when a peer process or its connection is gone.
+_PEER_LOSS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Connection refused",
+    "Broken pipe",
+    "Socket closed",
+    "Read error",
+    "Write error",
+    "NCCL communicator was aborted",
+)
+
+
+class PeerFailure(MoesaicError):
+    """This rank stopped because another rank failed or died; the message names the cause."""
+
+    exit_code = 1  # not this rank's user error: the command exits 1, as the watchdog does
 
 
 class Watchdog:
@@ -42,6 +66,7 @@ class Watchdog:
         self.store = store if store is not None else _watchdog_store(timeout_s)
         self._stop = threading.Event()
         self._reported = False
+        self._exiting = threading.Lock()  # whoever holds it prints the one line
         self._thread: threading.Thread | None = None
 
     def start(self) -> Watchdog:
@@ -60,10 +85,25 @@ class Watchdog:
             self.store.set(f"done/{self.world.rank}", "1")
 
     def report_failure(self, message: str) -> None:
-        """Tell every peer this rank failed (they exit within one poll interval)."""
+        """Tell every peer this rank failed (they exit within one poll interval). The first
+        report stands: a later one (a consequence) does not replace it."""
         self._reported = True  # this rank raises on its own; its watchdog must not exit it
         with contextlib.suppress(Exception):
-            self.store.set("failed", f"rank {self.world.rank}: {message}")
+            if not self.store.check(["failed"]):
+                self.store.set("failed", f"rank {self.world.rank}: {message}")
+
+    def peer_failure(self) -> str | None:
+        """The failure another rank reported ("rank R: ..."), or None."""
+        with contextlib.suppress(Exception):
+            if self.store.check(["failed"]):
+                report = self.store.get("failed").decode()
+                if not report.startswith(f"rank {self.world.rank}:"):
+                    return report
+        return None
+
+    def claim_exit(self) -> bool:
+        """Become the one that explains this rank's exit (False: the watchdog already is)."""
+        return self._exiting.acquire(blocking=False)
 
     def _beat(self, n: int) -> None:
         self.store.set(f"beat/{self.world.rank}", str(n))
@@ -100,6 +140,9 @@ class Watchdog:
                 )
 
     def _exit(self, reason: str) -> None:
+        if not self.claim_exit():  # the main thread is already reporting this rank's failure
+            self._stop.set()
+            return
         print(f"error: rank {self.world.rank}: {reason}; exiting", file=sys.stderr, flush=True)
         os._exit(1)
 
@@ -116,13 +159,47 @@ def _watchdog_store(timeout_s: float):
     return dist.PrefixStore(f"moesaic/watchdog/{run}/{attempt}/{next(_GENERATION)}", store)
 
 
+def _peer_loss(e: BaseException) -> bool:
+    """Whether `e` is a collective or store failing because a peer (or its link) is gone."""
+    dist_error = getattr(dist, "DistError", ())
+    if isinstance(e, dist_error):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_LOSS)
+
+
+def _first_line(e: BaseException) -> str:
+    """The gist of an error: its first line, without gloo's source location and advice."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", line)
+    line = line.split(". This is typically caused by")[0].rstrip(".")
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
 @contextlib.contextmanager
 def report_failures(watchdog: Watchdog | None) -> Iterator[None]:
-    """Tell the peers when the body raises, so they stop now instead of at a timeout."""
+    """Tell the peers when the body raises, so they stop now instead of at a timeout.
+
+    An error caused by another rank's failure (a collective that failed because a peer died,
+    or anything after a peer reported a failure) becomes one `PeerFailure` line naming that
+    cause; this rank's own errors are reported to the peers and re-raised unchanged.
+    """
     try:
         yield
     except BaseException as e:
-        if watchdog is not None:
-            watchdog.report_failure(f"{type(e).__name__}: {e}".splitlines()[0][:300])
+        if watchdog is None:
+            raise
+        peer = None if isinstance(e, MoesaicError | KeyboardInterrupt) else watchdog.peer_failure()
+        if peer is None and _peer_loss(e):
+            world = watchdog.world
+            who = f"rank {1 - world.rank}" if world.world_size == 2 else "a peer"
+            peer = f"lost {who} during a collective ({_first_line(e)}; process died?)"
+            watchdog.report_failure(peer)
+        elif peer is not None:
+            peer = f"stopping after a failure on {peer}"
+        else:
+            watchdog.report_failure(f"{type(e).__name__}: {_first_line(e)}"[:300])
+        if peer is not None and watchdog.claim_exit():
             watchdog.stop()
+            raise PeerFailure(f"rank {watchdog.world.rank}: {peer}") from None
+        watchdog.stop()
         raise

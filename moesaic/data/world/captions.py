@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from moesaic.config import CAPTION_REGISTERS
 from moesaic.data.world.scenes import (
     BACKGROUNDS,
     COLOURS,
@@ -114,13 +115,13 @@ REGISTERS: dict[str, Register] = {
         positions=_NATURAL_POS,
     ),
 }
-REGISTER_NAMES = ("terse", "plain", "natural", "mixed")
+assert (*REGISTERS, "mixed") == CAPTION_REGISTERS  # the config names every register
 
 
 def check_register(name: str) -> None:
-    if name not in REGISTER_NAMES:
+    if name not in CAPTION_REGISTERS:
         raise ConfigError(
-            f"data.caption_register='{name}' is not one of {', '.join(REGISTER_NAMES)}"
+            f"data.caption_register='{name}' is not one of {', '.join(CAPTION_REGISTERS)}"
         )
 
 
@@ -149,7 +150,7 @@ def object_phrase(obj: SceneObject, reg: Register, rng: random.Random) -> str:
 def caption(scene: Scene, register: str, rng: random.Random) -> str:
     """A caption of `scene` in `register` (terse | plain | natural | mixed)."""
     if register == "mixed":
-        register = rng.choice(("terse", "plain", "natural"))
+        register = rng.choice(tuple(REGISTERS))
     reg = REGISTERS[register]
     objs = list(scene.objects)
     rng.shuffle(objs)

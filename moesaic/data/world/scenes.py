@@ -1,11 +1,11 @@
 """Scenes of the built-in world: what they hold, how they are drawn, how splits are disjoint.
 
-A scene is a plain background with 1–3 objects, each with a shape, a colour, a size and a cell
-of a 3×3 grid (at most one object per cell, so objects never overlap). Drawing is exact and
-pixel-aligned: the image is split into 3×3 cells of `c = image_size // 3` pixels (centred, the
-left-over border is background); a large object fills a `c×c` shape mask, a small one a
-`s×s` mask (`s ≈ 0.6·c`) centred in its cell. Every (shape, size) mask is distinct, which is
-what lets `parser.parse_scenes` recover scenes exactly.
+A scene is a plain background with 1–3 objects (1 to `data.max_objects`, up to 9), each with a
+shape, a colour, a size and a cell of a 3×3 grid (at most one object per cell, so objects never
+overlap). Drawing is exact and pixel-aligned: the image is split into 3×3 cells of
+`c = image_size // 3` pixels (centred, the left-over border is background); a large object
+fills a `c×c` shape mask, a small one a `s×s` mask (`s ≈ 0.6·c`) centred in its cell. Every
+(shape, size) mask is distinct, which is what lets `parser.parse_scenes` recover scenes exactly.
 
 Splits are disjoint by construction:
 - test scenes contain at least one object whose (shape, colour) pair is *held out*
@@ -22,6 +22,7 @@ import random
 
 import numpy as np
 
+from moesaic.config import check_max_objects
 from moesaic.errors import ConfigError
 
 SHAPES = ("square", "circle", "triangle", "cross", "ring", "bar")
@@ -67,7 +68,7 @@ POSITIONS = (
     "bottom",
     "bottom right",
 )
-MAX_OBJECTS = 3
+MAX_OBJECTS = 3  # the default of `data.max_objects` (any value up to the 9 cells)
 VAL_MODULUS = 16
 
 # (shape, colour) pairs that only ever appear in test scenes: a compositional hold-out, every
@@ -150,10 +151,10 @@ def derive_seed(*parts: int) -> int:
     return h >> 1
 
 
-def _random_scene(rng: random.Random, force_held_out: bool) -> Scene:
+def _random_scene(rng: random.Random, force_held_out: bool, max_objects: int) -> Scene:
     """Test scenes: the first object has a held-out pair, the others any pair. Train/val
     scenes: only allowed pairs (sampled directly, so no rejection is needed for them)."""
-    n = rng.randint(1, MAX_OBJECTS)
+    n = rng.randint(1, max_objects)
     cells = rng.sample(range(9), n)
     objects = []
     for i, cell in enumerate(cells):
@@ -173,14 +174,17 @@ _ALLOWED_LIST = sorted(
 )
 
 
-def sample_scene(rng: random.Random, split: str = "train") -> Scene:
-    """A random scene of `split` (train | val | test), by rejection where needed."""
+def sample_scene(rng: random.Random, split: str = "train", max_objects: int = MAX_OBJECTS) -> Scene:
+    """A random scene of `split` (train | val | test) with 1..`max_objects` objects, by
+    rejection where needed. More objects per scene is the world's image-side dial of content
+    per image (more objects to draw jointly, longer captions); the parser stays exact."""
+    check_max_objects(max_objects)
     if split == "test":
-        return _random_scene(rng, force_held_out=True)
+        return _random_scene(rng, True, max_objects)
     if split not in ("train", "val"):
         raise ConfigError(f"split='{split}' is not one of train, val, test")
     while True:
-        scene = _random_scene(rng, force_held_out=False)
+        scene = _random_scene(rng, False, max_objects)
         if scene.split() == split:
             return scene
 

@@ -1,8 +1,9 @@
 """Check that a report renders in headless Chromium: every image decoded, no console errors.
 
-The report's inline script (`html.RENDER_CHECK`) writes its verdict to `<body data-render=...>`
-once the page has loaded; `--dump-dom` prints the DOM after that, and `--enable-logging=stderr`
-prints every console message (a clean report logs none).
+A copy of the report gets a small inline script (`RENDER_CHECK`) that writes its verdict to
+`<body data-render=...>` once the page has loaded: every image decoded (`complete &&
+naturalWidth > 0`) and no script error. `--dump-dom` prints the DOM after that, and
+`--enable-logging=stderr` prints every console message (a clean report logs none).
 """
 
 from __future__ import annotations
@@ -15,6 +16,22 @@ import tempfile
 from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+RENDER_CHECK = """
+(function () {
+  var errors = [];
+  window.addEventListener("error", function (e) { errors.push(String(e.message)); });
+  window.addEventListener("load", function () {
+    var imgs = document.getElementsByTagName("img"), bad = [];
+    for (var i = 0; i < imgs.length; i++) {
+      if (!(imgs[i].complete && imgs[i].naturalWidth > 0)) { bad.push(imgs[i].alt || i); }
+    }
+    var status = bad.length ? "broken:" + bad.join("|") : "ok:" + imgs.length;
+    if (errors.length) { status += ";errors:" + errors.join("|"); }
+    document.body.setAttribute("data-render", status);
+  });
+})();
+"""
 
 
 def find_chromium() -> str | None:
@@ -41,8 +58,11 @@ def check_rendering(path: str | Path, browser: str | None = None, timeout: float
     browser = browser or find_chromium()
     if browser is None:
         raise FileNotFoundError("no chromium executable on PATH")
-    url = Path(path).resolve().as_uri()
     with tempfile.TemporaryDirectory(prefix="moesaic-chromium-") as profile:
+        page = Path(profile) / "page.html"
+        text = Path(path).read_text()
+        page.write_text(text.replace("</head>", f"<script>{RENDER_CHECK}</script></head>", 1))
+        url = page.resolve().as_uri()
         proc = subprocess.run(
             [
                 browser,
@@ -51,6 +71,9 @@ def check_rendering(path: str | Path, browser: str | None = None, timeout: float
                 "--no-sandbox",
                 "--no-first-run",
                 "--disable-extensions",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
                 f"--user-data-dir={profile}",
                 "--enable-logging=stderr",
                 "--v=0",

@@ -1,0 +1,423 @@
+"""The caption-shift experiment: is the text tax caused by captions rather than by vision?
+
+Two claims are tested at equal general-text tokens. (a) Friction with general language comes
+from the *caption distribution* — captions are a narrow, shifted slice of language and training
+on them pulls the model away from general text — while vision itself is complementary to
+language. (b) Sparse capacity (MoE) shrinks that caption-induced tax.
+
+For every architecture arm, seed and caption register r, step-matched runs (`data.parts`: each
+batch is the reference run's text batch stacked with one batch of the other part, so
+general-text tokens, steps and learning-rate schedule equal the reference's):
+
+    T        text only (the reference; one per arm and seed)
+    T+I      text + bare images: vision without any caption language (`image` documents)
+    T+C_r    text + captions as plain text, no images (`caption` documents: bos caption eos)
+    T+IC_r   text + image→caption documents, the caption a text target (`image_caption`)
+    T+CI_r   text + caption→image documents, caption loss `study.caption_loss` (optional)
+
+Caption document g is image_caption document g's caption (the same scene, the same words), so
+T+C_r and T+IC_r train on the same captions in the same order; only the pixels differ (T+C_r
+packs more captions into a row, so it sees more of them per step: `dose` in the summary).
+
+Both parts' text targets share one mean (the text loss is a mean over all text targets of the
+step), so captions also take a share of the text gradient; that share (`dose.caption_share`)
+is about equal across registers, so the regression across registers isolates the shift.
+
+Caption shift per register and seed: the Jensen–Shannon divergence of token unigram and bigram
+distributions of captions vs general text (`data/shift.py`, the seed's tokenizer), and the
+embedding distance 1 − cos(mean h_caption, mean h_text), h the last block's output at every
+non-padding position but `bos`, measured with each arm's **T model**: a ruler untouched by any
+caption, the same for every register within an arm and seed, so distances differ only by the
+captions (the T+C_r model would be shaped by the very captions it measures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moesaic.config import CAPTION_REGISTERS
+from moesaic.errors import ConfigError, did_you_mean
+from moesaic.experiments.arms import get_arm
+from moesaic.experiments.engine import RunResult, RunSpec, base_config, run_name
+from moesaic.experiments.study import StudyConfig
+from moesaic.files import atomic_write_text
+
+REFERENCE = "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One kind of second part stacked onto the reference run's text batch."""
+
+    key: str  # the mix key of the second part (also the run-name component)
+    label: str
+    per_register: bool
+    description: str
+
+    def title(self, register: str | None = None) -> str:
+        return f"{self.label}_{register}" if register else self.label
+
+
+CONDITIONS: dict[str, Condition] = {
+    c.key: c
+    for c in (
+        Condition("image", "T+I", False, "text + bare images (vision without caption language)"),
+        Condition("caption", "T+C", True, "text + captions as plain text, no images"),
+        Condition(
+            "image_caption", "T+IC", True, "text + image→caption documents, caption as target"
+        ),
+        Condition(
+            "caption_image", "T+CI", True, "text + caption→image documents (study.caption_loss)"
+        ),
+    )
+}
+CAPTION_CONDITIONS = tuple(k for k, c in CONDITIONS.items() if c.per_register)
+DISTANCE_SALT = 7  # separates the embedding-distance documents from the eval sets
+DISTANCE_FILE = "caption_distance.json"
+
+_MICRO_MODEL = [
+    "model.dim=32",
+    "model.layers=2",
+    "model.heads=2",
+    "model.ffn.hidden=64",
+    "data.seq_len=64",
+    "data.batch_size=4",
+    "data.vocab_size=512",
+]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds: exercises every stage end to end (used by the tests); numbers are noise.
+    "smoke": {
+        "name": "caption-shift-smoke",
+        "base": "tiny",
+        "overrides": [
+            *_MICRO_MODEL,
+            "train.warmup=2",
+            "train.threads=1",
+            "train.checkpoint_every=0",
+            "eval.every=0",
+            "eval.batches=2",
+            "logging.every=2",
+            "logging.progress=none",
+        ],
+        "arms": ["dense", "moe"],
+        "registers": ["terse", "natural"],
+        "conditions": ["image", "caption", "image_caption", "caption_image"],
+        "steps": 6,
+        "experts": 8,
+        "granularity": 2,
+        "shift_docs": 50,
+        "distance_batches": 1,
+        "description": "end-to-end check of the caption-shift machinery; numbers are noise",
+    },
+    # CPU: 80 runs, 2 parallel jobs (timed in docs/study-caption-shift.md).
+    "quick": {
+        "name": "caption-shift-quick",
+        "base": "tiny",
+        "overrides": [
+            "model.dim=64",
+            "model.layers=4",
+            "model.heads=2",
+            "model.ffn.hidden=256",
+            "model.ffn.z_loss=1e-4",
+            "data.seq_len=128",
+            "data.batch_size=8",
+            "data.vocab_size=1024",
+            "train.lr=3e-3",
+            "train.warmup=30",
+            "train.threads=1",
+            "train.checkpoint_every=200",
+            "eval.every=0",
+            "eval.batches=8",
+            "logging.every=10",
+            "logging.progress=none",
+        ],
+        "arms": ["dense", "moe"],
+        "registers": ["terse", "plain", "natural"],
+        "conditions": ["image", "caption", "image_caption"],
+        "seeds": 5,
+        "steps": 400,
+        "experts": 16,
+        "granularity": 4,
+        "jobs": 2,
+        "description": "CPU-sized caption-shift study on the built-in world",
+    },
+    # One GPU (documented with its cost, not run in CI): the `small` preset, every register
+    # and condition.
+    "paper": {
+        "name": "caption-shift-paper",
+        "base": "small",
+        "overrides": ["model.ffn.z_loss=1e-4", "eval.every=0", "logging.progress=plain"],
+        "arms": ["dense", "moe"],
+        "registers": ["terse", "plain", "natural"],
+        "conditions": ["image", "caption", "image_caption", "caption_image"],
+        "seeds": 5,
+        "steps": 5000,
+        "experts": 64,
+        "granularity": 4,
+        "distance_batches": 16,
+        "description": "GPU scale: small preset, 64 experts of width F/4, every condition, 5 seeds",
+    },
+}
+
+
+@dataclasses.dataclass
+class CaptionShiftConfig(StudyConfig):
+    name: str = "caption-shift"
+    arms: list[str] = dataclasses.field(default_factory=lambda: ["dense", "moe"])
+    registers: list[str] = dataclasses.field(default_factory=lambda: ["terse", "plain", "natural"])
+    conditions: list[str] = dataclasses.field(
+        default_factory=lambda: ["image", "caption", "image_caption"]
+    )
+    steps: int = 300  # optimizer steps of every run
+    experts: int = 16  # E of the MoE arms
+    granularity: int = 4  # G: experts of width F/G, G active per token
+    lr: dict[str, float] = dataclasses.field(default_factory=dict)  # per-arm train.lr
+    caption_loss: bool = True  # captions of caption→image documents (T+CI_r) are text targets
+    margin: float = 0.5  # % of text CE: "no harm" / "about equal" means within this margin
+    shift_docs: int = 500  # captions and general-text documents per register for the JS shift
+    distance_batches: int = 4  # batches of captions / general text for the embedding distance
+
+    def validate(self) -> CaptionShiftConfig:
+        super().validate()
+        for key in ("steps", "experts", "granularity", "shift_docs", "distance_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"study.{key}={getattr(self, key)} must be >= 1")
+        if not self.margin > 0:
+            raise ConfigError(f"study.margin={self.margin} must be > 0 (percent of text CE)")
+        if not self.arms:
+            raise ConfigError("study.arms is empty; name at least one arm, e.g. [dense, moe]")
+        for arm in self.arms:
+            get_arm(arm)
+        for arm in self.lr:
+            if arm not in self.arms:
+                raise ConfigError(f"study.lr names arm '{arm}', which is not in study.arms")
+        for field, items, choices in (
+            ("arms", self.arms, None),
+            ("registers", self.registers, CAPTION_REGISTERS),
+            ("conditions", self.conditions, tuple(CONDITIONS)),
+        ):
+            for item in items:
+                if choices is not None and item not in choices:
+                    raise ConfigError(
+                        f"study.{field} has '{item}', which is not one of {', '.join(choices)}"
+                        f"{did_you_mean(item, choices, listing=False)}"
+                    )
+            if len(set(items)) != len(items):
+                raise ConfigError(f"study.{field}={items} repeats an entry")
+        if not self.conditions:
+            raise ConfigError("study.conditions is empty; e.g. [image, caption, image_caption]")
+        if not self.registers and any(CONDITIONS[c].per_register for c in self.conditions):
+            raise ConfigError("study.registers is empty; name the caption registers to compare")
+        if self.experts < 2 * self.granularity and any(
+            get_arm(a).experts == "E" for a in self.arms
+        ):
+            raise ConfigError(
+                f"study.experts={self.experts} must be >= 2 x granularity ({self.granularity}) "
+                "so that routing has a choice"
+            )
+        return self
+
+
+def _mix(mix: dict[str, float]) -> str:
+    return json.dumps(mix, sort_keys=True)
+
+
+def condition_overrides(
+    study: CaptionShiftConfig, condition: str, register: str | None, seed: int
+) -> list[str]:
+    """Data and step overrides of one run (the arm's model overrides come separately)."""
+    common = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={study.steps}"]
+    text = {"text": 1.0}
+    if condition == REFERENCE:
+        return [*common, "data.caption_loss=false", f"data.mix={_mix(text)}", "data.parts=[]"]
+    cond = CONDITIONS[condition]
+    caption_loss = study.caption_loss if condition == "caption_image" else False
+    out = [
+        *common,
+        f"data.caption_loss={str(caption_loss).lower()}",
+        f"data.parts=[{_mix(text)}, {_mix({cond.key: 1.0})}]",
+    ]
+    if cond.per_register:
+        out.append(f"data.caption_register={register}")
+    return out
+
+
+def check_source(study: CaptionShiftConfig) -> None:
+    """The built-in world is the only source that gives general text and captions to one run."""
+    source = base_config(study).data.source
+    if source != "world":
+        raise ConfigError(
+            f"data.source='{source}': a caption-shift study needs general text and "
+            "image–caption data from different sources in one run, which needs multi-source "
+            "runs (not available yet); use data.source=world"
+        )
+
+
+def planned_flops(study: CaptionShiftConfig) -> dict[str, float]:
+    """Training FLOPs of every planned run (6·N_matmul + attention per token, `moesaic info`)
+    times the positions it trains on (steps × rows × seq_len, both parts of a stacked batch):
+    {"total", per arm, "tokens"}. Needs no tokenizer and trains nothing."""
+    from moesaic.commands.info import describe
+    from moesaic.experiments.engine import run_config
+
+    out: dict[str, float] = {"total": 0.0, "tokens": 0.0}
+    for spec in EXPERIMENT.plan(study, Path("."), lambda _: None):
+        cfg = run_config(study, spec, Path("."))
+        rows = cfg.data.batch_size * max(1, len(cfg.data.parts))
+        tokens = float(cfg.train.steps * cfg.train.grad_accum * rows * cfg.data.seq_len)
+        flops = describe(cfg)["flops_per_token"] * tokens
+        arm = spec.tag("arm")
+        out[arm] = out.get(arm, 0.0) + flops
+        out["total"] += flops
+        out["tokens"] += tokens
+    return out
+
+
+# ----------------------------------------------------------------------------- caption shift
+
+
+def js_shift(cfg: Any, tok: Any, registers: list[str], n_docs: int, seed: int) -> dict:
+    """{register: {unigram_js, bigram_js}}: captions of the same `n_docs` training scenes in
+    each register against the same `n_docs` general-text documents (seed-determined)."""
+    from moesaic.data.shift import caption_shift
+    from moesaic.data.world import captions, scenes, text
+
+    rng = random.Random(f"caption-shift-study:{seed}:text")
+    docs = [tok.encode(text.general_document(rng)) for _ in range(n_docs)]
+    out = {}
+    for register in registers:
+        rng = random.Random(f"caption-shift-study:{seed}:captions")
+        caps = []
+        for _ in range(n_docs):
+            scene = scenes.sample_scene(rng, "train")
+            caps.append(tok.encode(captions.caption(scene, register, rng)))
+        out[register] = caption_shift(caps, docs)
+    return out
+
+
+def _mean_hidden(model: Any, batches: list, bos_id: int, device: Any) -> Any:
+    """Mean of the last block's output [D] over every non-padding position except bos."""
+    import torch
+
+    from moesaic.batch import DocKind
+
+    total, count = None, 0
+    for batch in batches:
+        batch = batch.to(device)
+        h_BLD = model(batch, output_hidden_states=True).hidden_states[-1].float()
+        keep_BL = (batch.doc_kind != DocKind.PAD) & (batch.tokens != bos_id)
+        part_D = h_BLD[keep_BL].sum(0)
+        total = part_D if total is None else total + part_D
+        count += int(keep_BL.sum())
+    return (total / max(count, 1)).cpu() if total is not None else torch.zeros(0)
+
+
+def embedding_distance(run_dir: Path, registers: list[str], n_batches: int) -> dict[str, float]:
+    """1 − cos(mean h over captions of `register`, mean h over general text) per register,
+    with the run's model (validation split; the same scenes in every register)."""
+    import dataclasses as dc
+
+    import torch
+
+    from moesaic.data import Stream, WorldSource, make_source
+    from moesaic.data.packing import DocOptions
+    from moesaic.train.runs import load_run
+
+    run = load_run(run_dir, "auto")
+    cfg, tok = run.cfg, run.tokenizer
+    opts = DocOptions(caption_loss=True, caption_dropout=0.0, salt=DISTANCE_SALT)
+
+    def batches(source: Any, kind: str) -> list:
+        data = dc.replace(cfg.data, parts=[])
+        stream = Stream(data, tok, source, "val", mix={kind: 1.0}, opts=opts, seed=cfg.eval.seed)
+        return [next(stream) for _ in range(n_batches)]
+
+    out = {}
+    with torch.no_grad(), run.autocast():
+        text_D = _mean_hidden(run.model, batches(make_source(cfg.data, "val"), "text"),
+                              tok.bos_id, run.device)  # fmt: skip
+        for register in registers:
+            world = WorldSource("val", register, cfg.data.image_size)
+            cap_D = _mean_hidden(run.model, batches(world, "caption"), tok.bos_id, run.device)
+            cos = torch.nn.functional.cosine_similarity(cap_D, text_D, dim=0)
+            out[register] = float(1.0 - cos)
+    return out
+
+
+def cached_distance(run_dir: Path, registers: list[str], n_batches: int) -> dict[str, float]:
+    """`embedding_distance`, cached in the run's caption_distance.json (per step and size)."""
+    path = Path(run_dir) / DISTANCE_FILE
+    step = json.loads((Path(run_dir) / "summary.json").read_text()).get("step")
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("step") != step or cached.get("batches") != n_batches:
+        cached = {"step": step, "batches": n_batches, "distance": {}}
+    missing = [r for r in registers if r not in cached["distance"]]
+    if missing:
+        cached["distance"] |= embedding_distance(run_dir, missing, n_batches)
+        atomic_write_text(path, json.dumps(cached, indent=1))
+    return {r: cached["distance"][r] for r in registers}
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+class CaptionShift:
+    name = "caption-shift"
+    config_class = CaptionShiftConfig
+    presets = PRESETS
+
+    def plan(self, study: CaptionShiftConfig, study_dir: Path, log: Callable) -> list[RunSpec]:
+        """Seed-major: per seed and arm the reference, then every condition (per register)."""
+        check_source(study)
+        specs = []
+        for seed in study.seed_list():
+            for arm_name in study.arms:
+                arm_over = get_arm(arm_name).overrides(study.experts, study.granularity)
+                if arm_name in study.lr:
+                    arm_over.append(f"train.lr={study.lr[arm_name]}")
+                cells: list[tuple[str, str | None]] = [(REFERENCE, None)]
+                for cond in study.conditions:
+                    per = CONDITIONS[cond].per_register
+                    cells += [(cond, r) for r in study.registers] if per else [(cond, None)]
+                for cond, register in cells:
+                    over = condition_overrides(study, cond, register, seed)
+                    tags = (
+                        ("arm", arm_name),
+                        ("condition", cond),
+                        ("register", register),
+                        ("seed", seed),
+                    )
+                    name = run_name(arm_name, cond, register, f"s{seed}")
+                    specs.append(RunSpec(name, tuple([*arm_over, *over]), tags))
+        return specs
+
+    def after_run(self, study: CaptionShiftConfig, spec: RunSpec, run_dir: Path) -> dict:
+        if spec.tag("condition") != REFERENCE or not study.registers:
+            return {}
+        return {"distance": cached_distance(run_dir, study.registers, study.distance_batches)}
+
+    def summarize(
+        self, study: CaptionShiftConfig, study_dir: Path, results: list[RunResult], log: Callable
+    ) -> dict[str, Any]:
+        from moesaic.experiments.caption_shift_summary import summarize
+
+        return summarize(study, results, log)
+
+    def report(self, summary: dict[str, Any], study_dir: Path) -> Any:
+        from moesaic.report.caption_shift import caption_shift_report
+
+        return caption_shift_report(summary)
+
+    def console(self, summary: dict[str, Any]) -> str:
+        from moesaic.experiments.caption_shift_summary import console_text
+
+        return console_text(summary)
+
+
+EXPERIMENT = CaptionShift()
