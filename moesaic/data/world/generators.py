@@ -100,10 +100,17 @@ def _vqa(
 
 
 @register("caption")
-def _caption(rng: random.Random, split: str, register: str, image_size: int) -> Record:
+def _caption(
+    rng: random.Random,
+    split: str,
+    register: str,
+    image_size: int,
+    *,
+    max_objects: int = scenes.MAX_OBJECTS,
+) -> Record:
     """A scene's caption without its image: the same draws as `scene`, so the same rng gives
     the same caption (caption document g is image_caption document g's caption)."""
-    scene = scenes.sample_scene(rng, split)
+    scene = scenes.sample_scene(rng, split, max_objects)
     return Record(text=captions.caption(scene, register, rng), scene=scene)
 
 
