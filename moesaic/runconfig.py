@@ -51,10 +51,23 @@ def resumable(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
 
 
+_ABSENT = "<absent>"
+
+
 def config_fingerprint(cfg: Config) -> str:
-    """Hash of everything that determines the computation (resumable keys excluded)."""
-    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if not resumable(k)}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of everything that determines the computation (resumable keys excluded).
+
+    Only settings that differ from `Config()`'s defaults enter the hash, so a version of moesaic
+    that adds an option (whose default keeps the old behaviour) still recognises, loads and
+    reuses runs written before it. A default key missing from a mapping the config replaced
+    (e.g. a `data.mix` without one of the default kinds) counts as a difference.
+    """
+    defaults = _flatten(Config().to_dict())
+    flat = _flatten(cfg.to_dict())
+    changed = {k: v for k, v in flat.items() if k not in defaults or defaults[k] != v}
+    changed.update({k: _ABSENT for k in defaults if k not in flat})
+    kept = {k: v for k, v in changed.items() if not resumable(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_model_dims(cfg: Config, vocab_size: int) -> Config:

@@ -137,6 +137,9 @@ def _child(argv: list[str], hook: str, log: str, env: dict[str, str]) -> None:
         os.dup2(target, fd)
         os.close(target)
     torch.set_num_threads(1)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps that; the child
+    # stands for a command typed in a terminal, where Ctrl-C raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _install(hook)
     rc = main(argv)
     sys.stdout.flush()
