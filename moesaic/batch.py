@@ -1,7 +1,9 @@
 """The packed multimodal `Batch`: the one interface between data and model (design.md §2).
 
 Every field is a tensor whose first two dimensions are [B, L] (rows × positions). Text
-positions carry token ids; image positions carry flattened `p×p×C` patch vectors. The flow
+positions carry token ids; image positions and video-frame positions (together: *visual*
+positions) carry flattened `p×p×C` patch vectors. Each image and each video frame is its own
+block (`image_id`), with its own flow time. The flow
 noising `x_t = t·x0 + (1−t)·ε` is done by the model from `patches` (x0), `noise` (ε) and `t`,
 so a batch fully determines the loss: data streams that are exactly resumable give exactly
 resumable training, and evaluation batches with fixed noise give deterministic eval losses.
@@ -20,7 +22,7 @@ from torch import Tensor
 class Modality(IntEnum):
     TEXT = 0
     IMAGE = 1
-    # 2, 3 reserved for video frames and actions.
+    VIDEO = 2  # patches of a video frame (actions are written as text, so they are TEXT)
 
 
 class DocKind(IntEnum):
@@ -31,10 +33,11 @@ class DocKind(IntEnum):
     IMAGE_CAPTION = 2  # image then caption: understanding (image clean or lightly noised)
     IMAGE = 3  # image-only document
     PAD = 4  # padding at the end of a row
-    # 5.. reserved for video / action-conditioned clips.
+    VIDEO = 5  # a bare clip: frame blocks back to back
+    ACTION_VIDEO = 6  # frame, action text, frame, action text, …: world modelling
 
 
-NUM_DOC_KINDS = 5
+NUM_DOC_KINDS = len(DocKind)
 
 
 @dataclasses.dataclass
@@ -43,12 +46,12 @@ class Batch:
 
     tokens:     [B, L] int64   text token ids (pad id at image positions)
     targets:    [B, L] int64   next-token target at each position, -1 where there is no text loss
-    patches:    [B, L, P] f32  clean patches x0 in [-1, 1] at image positions, 0 elsewhere
-    noise:      [B, L, P] f32  flow noise ε at image positions, 0 elsewhere
-    t:          [B, L] f32     flow time of the position's image (1 clean, 0 pure noise); 1 at text
-    image_loss: [B, L] bool    image positions that carry flow-matching loss
+    patches:    [B, L, P] f32  clean patches x0 in [-1, 1] at visual positions, 0 elsewhere
+    noise:      [B, L, P] f32  flow noise ε at visual positions, 0 elsewhere
+    t:          [B, L] f32     flow time of the position's block (1 clean, 0 pure noise); 1 at text
+    image_loss: [B, L] bool    visual positions that carry flow-matching loss (images and frames)
     modality:   [B, L] int64   `Modality` id per position
-    image_id:   [B, L] int64   image block id (unique within a row), -1 at non-image positions
+    image_id:   [B, L] int64   image / frame block id (unique within a row), -1 at text positions
     doc_id:     [B, L] int64   document id within a row; padding forms its own document
     doc_kind:   [B, L] int64   `DocKind` per position
     """
@@ -79,6 +82,15 @@ class Batch:
     @property
     def image_mask(self) -> Tensor:
         return self.modality == Modality.IMAGE
+
+    @property
+    def video_mask(self) -> Tensor:
+        return self.modality == Modality.VIDEO
+
+    @property
+    def visual_mask(self) -> Tensor:
+        """Positions that hold patches: image and video-frame positions."""
+        return (self.modality == Modality.IMAGE) | (self.modality == Modality.VIDEO)
 
     @property
     def num_text_targets(self) -> int:
@@ -117,14 +129,16 @@ class Batch:
         for name in ("tokens", "targets", "modality", "image_id", "doc_id", "doc_kind"):
             assert getattr(self, name).dtype == torch.int64, f"{name} must be int64"
         assert self.image_loss.dtype == torch.bool, "image_loss must be bool"
-        img = self.image_mask
-        assert bool(((self.image_id >= 0) == img).all()), "image_id must be >= 0 exactly at images"
-        assert not bool((self.image_loss & ~img).any()), "image_loss set at a non-image position"
+        img = self.visual_mask
+        assert bool(((self.image_id >= 0) == img).all()), (
+            "image_id must be >= 0 exactly at image / frame positions"
+        )
+        assert not bool((self.image_loss & ~img).any()), "image_loss set at a text position"
         assert not bool((self.targets[img] >= 0).any()), "text target at an image position"
-        assert bool((self.patches[~img] == 0).all()), "non-zero patch at a non-image position"
+        assert bool((self.patches[~img] == 0).all()), "non-zero patch at a text position"
         assert bool((self.t >= 0).all() and (self.t <= 1).all()), "t outside [0, 1]"
         assert bool((self.patches.abs() <= 1.0 + 1e-6).all()), "patch values outside [-1, 1]"
-        # An image block lies inside one document and is contiguous.
+        # An image block lies inside one document, is contiguous and has one modality.
         for b in range(B):
             ids = self.image_id[b]
             for i in ids.unique().tolist():
@@ -135,3 +149,4 @@ class Batch:
                     f"image {i} in row {b} not contiguous"
                 )
                 assert self.doc_id[b, pos].unique().numel() == 1, f"image {i} spans documents"
+                assert self.modality[b, pos].unique().numel() == 1, f"image {i} mixes modalities"

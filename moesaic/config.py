@@ -58,6 +58,14 @@ class FFNConfig:
     z_loss: float = 0.0  # β of the router z-loss (0 = off)
     bias_rate: float = 0.0  # γ of auxiliary-loss-free bias balancing (0 = off)
     dispatch: str = "auto"  # auto | native | grouped_mm | split
+    # FFN weights of video-frame tokens: image (share the image modality's FFN, expert group
+    # and shared expert: video frames are images) | own (a third, video-only one)
+    video_ffn: str = "image"
+
+    @property
+    def modality_slots(self) -> int:
+        """Modalities with their own FFN weights: text and image (+ video with video_ffn=own)."""
+        return 3 if self.video_ffn == "own" else 2
 
     @property
     def active_experts(self) -> int:
@@ -75,6 +83,7 @@ class FFNConfig:
     def validate(self, path: str = "model.ffn") -> None:
         _check_choice(f"{path}.kind", self.kind, ("dense", "modality", "moe"))
         _check_positive(f"{path}.hidden", self.hidden)
+        _check_choice(f"{path}.video_ffn", self.video_ffn, ("image", "own"))
         if self.kind != "moe":
             return
         _check_choice(f"{path}.shared", self.shared, ("none", "global", "per_modality"))
@@ -98,11 +107,14 @@ class FFNConfig:
                 f"{path}.top_k={self.active_experts} leaves no routed expert next to "
                 f"shared='{self.shared}'; use top_k >= 2 or granularity >= 2"
             )
-        per_token_pool = self.experts // 2 if self.groups == "modality" else self.experts
-        if self.groups == "modality" and self.experts % 2:
+        n_groups = self.modality_slots if self.groups == "modality" else 1
+        per_token_pool = self.experts // n_groups
+        if self.experts % n_groups:
+            what = "even" if n_groups == 2 else f"divisible by {n_groups}"
+            names = "text and image" if n_groups == 2 else "text, image and video"
             raise ConfigError(
-                f"{path}.experts={self.experts} must be even with groups='modality' "
-                "(experts are split equally between text and image)"
+                f"{path}.experts={self.experts} must be {what} with groups='modality' "
+                f"(experts are split equally between {names})"
             )
         if routed_k > per_token_pool:
             raise ConfigError(
@@ -190,8 +202,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     prediction: str = "velocity"  # velocity | x0: what the image head predicts
-    image_loss_weight: float = 3.0  # λ in L = L_text + λ·L_image
+    image_loss_weight: float = 3.0  # λ in L = L_text + λ·(L_image + L_video)
     attention: str = "auto"  # auto | sdpa | flex (flex needs CUDA)
+    # add an embedding of each patch's index inside its image / frame to the patch input
+    patch_positions: bool = False
     ffn: FFNConfig = dataclasses.field(default_factory=FFNConfig)
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
 
@@ -216,7 +230,10 @@ class ModelConfig:
 
 
 CAPTION_REGISTERS = ("terse", "plain", "natural", "mixed")  # "mixed": each caption picks one
-MIX_KEYS = ("text", "caption_image", "image_caption", "vqa", "image", "caption")
+MIX_KEYS = (
+    "text", "caption_image", "image_caption", "vqa", "image", "caption", "video", "action_video"
+)  # fmt: skip
+VIDEO_KINDS = ("video", "action_video")
 
 
 def _default_mix() -> dict[str, float]:
@@ -273,8 +290,8 @@ class KnowledgeConfig:
             )
 
 
-READERS = ("world", "folder", "text", "webdataset", "hf", "digits")
-SYMLINK_READERS = ("folder", "text", "webdataset")  # readers that walk directories
+READERS = ("world", "folder", "text", "webdataset", "hf", "digits", "clips")
+SYMLINK_READERS = ("folder", "text", "webdataset", "clips")  # readers that walk directories
 SOURCE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -287,7 +304,7 @@ class SourceConfig:
     (docs/data-sources.md, `moesaic/data/mixing.py`).
     """
 
-    kind: str = ""  # the reader: world | folder | text | webdataset | hf | digits
+    kind: str = ""  # the reader: world | folder | text | webdataset | hf | digits | clips
     name: str = ""  # "" = the reader's name; names key the source's documents and eval sets
     paths: list[str] = dataclasses.field(default_factory=list)
     weight: float = 1.0  # share of document tokens (normalised over the sources drawn from)
@@ -317,7 +334,7 @@ class SourceConfig:
         if self.follow_symlinks and self.kind not in SYMLINK_READERS:
             raise ConfigError(
                 f"{path}.follow_symlinks=true has no effect with kind='{self.kind}' (it applies "
-                "to folder, text and webdataset); remove it"
+                "to folder, text, webdataset and clips); remove it"
             )
         if self.kind not in ("world", "digits") and not self.paths:
             raise ConfigError(f"{path} (kind '{self.kind}') needs input files: set its paths")
@@ -337,10 +354,31 @@ class SourceConfig:
 
 
 @dataclasses.dataclass
+class VideoConfig:
+    """Clips (mix keys `video`, `action_video`; docs/video.md)."""
+
+    min_frames: int = 4  # frames per clip, drawn uniformly from [min_frames, max_frames]
+    max_frames: int = 8
+    # clean: context frames clean, only the last frame of the document noised (with loss);
+    # noised: every frame noised with its own flow time and carrying loss (diffusion forcing)
+    context: str = "clean"
+
+    def validate(self, path: str = "data.video") -> None:
+        if self.min_frames < 2:
+            raise ConfigError(f"{path}.min_frames={self.min_frames} must be >= 2")
+        if self.max_frames < self.min_frames:
+            raise ConfigError(
+                f"{path}.max_frames={self.max_frames} must be >= "
+                f"{path}.min_frames={self.min_frames}"
+            )
+        _check_choice(f"{path}.context", self.context, ("clean", "noised"))
+
+
+@dataclasses.dataclass
 class DataConfig:
     """Where batches come from and how they are packed (design.md §2, §6)."""
 
-    source: str = "world"  # world | folder | text | webdataset | hf | digits
+    source: str = "world"  # world | folder | text | webdataset | hf | digits | clips
     paths: list[str] = dataclasses.field(default_factory=list)  # files/dirs for real sources
     seq_len: int = 256
     batch_size: int = 8  # rows per micro-batch per rank
@@ -360,6 +398,7 @@ class DataConfig:
     vocab_size: int = 2048  # when training the tokenizer
     seed: int = 0
     strict: bool = False  # raise on bad records instead of skipping and counting them
+    video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
     max_objects: int = 3  # world scenes hold 1..max_objects objects (1..9)
     knowledge: KnowledgeConfig = dataclasses.field(default_factory=KnowledgeConfig)
     follow_symlinks: bool = False  # let symlinks inside a real-data directory point outside it
@@ -400,6 +439,7 @@ class DataConfig:
             )
         _check_positive(f"{path}.time_shift", self.time_shift)
         _check_choice(f"{path}.source", self.source, READERS)
+        self.video.validate(f"{path}.video")
         if self.sources:
             self._validate_sources(path)
         _check_choice(
@@ -407,10 +447,10 @@ class DataConfig:
             self.caption_register,
             CAPTION_REGISTERS,
         )
-        if self.follow_symlinks and self.source not in ("folder", "text", "webdataset"):
+        if self.follow_symlinks and self.source not in SYMLINK_READERS:
             raise ConfigError(
                 f"{path}.follow_symlinks=true has no effect with {path}.source='{self.source}' "
-                "(it applies to folder, text and webdataset); remove it"
+                "(it applies to folder, text, webdataset and clips); remove it"
             )
         if self.source not in ("world", "digits") and not self.paths:
             raise ConfigError(

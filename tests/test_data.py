@@ -241,7 +241,9 @@ def test_eval_sets_fixed_and_independent_of_mix(tok):
     a = build_eval_sets(_cfg(), tok, seed=7, n_batches=2)
     b = build_eval_sets(_cfg("data.mix={text: 1}", "data.seed=3"), tok, seed=7, n_batches=2)
     c = build_eval_sets(_cfg(), tok, seed=8, n_batches=2)
-    assert set(a) == {"text", "ood_text", "image", "image_uncond", "caption"}
+    assert set(a) == {
+        "text", "ood_text", "image", "image_uncond", "caption", "video", "action_video"
+    }  # fmt: skip
     for name in a:
         assert len(a[name]) == 2
         for x, y in zip(a[name], b[name], strict=True):

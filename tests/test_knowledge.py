@@ -220,7 +220,10 @@ def test_knowledge_eval_set_is_held_out_phrasing_scored_on_values():
     kb = knowledge.knowledge_base(60, 6)
     people = {e.name: e for e in kb.entities}
     sets = build_eval_sets(_cfg("data.knowledge.entities=60"), tok, 1234, 2)
-    assert set(sets) == {"text", "ood_text", "image", "image_uncond", "caption", "knowledge"}
+    assert set(sets) == {
+        "text", "ood_text", "image", "image_uncond", "caption", "knowledge", "video",
+        "action_video",
+    }  # fmt: skip
     values = []
     for b in sets["knowledge"]:
         for r in range(b.tokens.shape[0]):

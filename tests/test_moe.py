@@ -189,8 +189,8 @@ def test_routing_stats_sum_to_tokens_times_k():
     for moe_layer, s in zip(model.moe_blocks().values(), stats.values(), strict=True):
         k = moe_layer.top_k
         assert k == 3  # granularity 4 minus the shared expert
-        assert s["tokens"].tolist() == [2 * n_text, 2 * n_image]
-        assert s["modality"].sum(1).tolist() == [2 * n_text * k, 2 * n_image * k]
+        assert s["tokens"].tolist() == [2 * n_text, 2 * n_image, 0]  # no video tokens
+        assert s["modality"].sum(1).tolist() == [2 * n_text * k, 2 * n_image * k, 0]
         assert int(s["doc_kind"].sum()) == 2 * (n_text + n_image) * k
         assert int(s["doc_kind"][DocKind.PAD].sum()) == 0
         assert int(s["time"].sum()) == 2 * n_image * k

@@ -1,9 +1,11 @@
 """`moesaic bench data`: tokens per second of the data stream (generate + tokenize + pack).
 
 Measured on one core (torch and tokenizers limited to one thread) for the configured mix and
-for each document kind alone. The reference, measured in the same process, is the cost of
-only copying already-made documents into Batches (`pack_rows`): the ratio says how much of
-the stream's time goes into making documents. The target is 10× the tiny preset's CPU training
+for each document kind alone; the video kinds also with the other `data.video.context` (clean
+context documents hold 2..T frames of a T-frame clip, diffusion-forcing ones all T). The
+reference, measured in the same process, is the cost of only copying already-made documents
+into Batches (`pack_rows`): the ratio says how much of the stream's time goes into making
+documents. The target is 10× the tiny preset's CPU training
 throughput (≈ 100k tokens/s), so data never bottlenecks training.
 
 Real images (`--photos N`, 0 to skip): N JPEG photos of `--photo-size` (4000×3000) are made
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moesaic.config import MIX_KEYS, load_config
+from moesaic.config import MIX_KEYS, VIDEO_KINDS, load_config
 from moesaic.data import build_stream, load_tokenizer
 from moesaic.data.packing import pack_rows
 from moesaic.errors import ConfigError
@@ -71,10 +73,14 @@ def run(args: argparse.Namespace) -> int:
     it = iter(range(1 << 62))
     ref = _rate(lambda: pack_rows(held[next(it) % 16], data, tok.pad_id), args.seconds, per_batch)
     rows.append(("mix " + ",".join(f"{k}={v:g}" for k, v in data.mix.items()), mixed))
-    for kind in MIX_KEYS:
-        cfg_k = load_config(args.config, [*args.overrides, f"data.mix={{{kind}: 1}}"]).data
-        s = build_stream(cfg_k, tok)
-        rows.append((kind, _rate(lambda s=s: next(s), args.seconds / 2, per_batch)))
+    other = "noised" if data.video.context == "clean" else "clean"
+    kinds = [(k, []) for k in MIX_KEYS]
+    kinds += [(f"{k} (context={other})", [f"data.video.context={other}"]) for k in VIDEO_KINDS]
+    for name, extra in kinds:
+        kind = name.split()[0]
+        over = [*args.overrides, f"data.mix={{{kind}: 1}}", *extra]
+        s = build_stream(load_config(args.config, over).data, tok)
+        rows.append((name, _rate(lambda s=s: next(s), args.seconds / 2, per_batch)))
     print(f"data stream, one core: batch {data.batch_size} × seq_len {data.seq_len}, "
           f"image {data.image_size}px / patch {data.patch_size}")  # fmt: skip
     print(f"{'stream':<60} {'tokens/s':>12} {'/ pack-only':>12} {'/ target':>9}")

@@ -3,6 +3,8 @@
     moesaic sample RUN_DIR --prompt "a large red circle top left" --out image.png
     moesaic sample RUN_DIR --image file.png                        # caption it
     moesaic sample RUN_DIR --image file.png --question "What colour is the circle?"
+    moesaic sample RUN_DIR --image start.png --action "move the red circle left" --action ...
+                                            # world model: frames after each action (PNG + GIF)
 
 Generated images are written in the format `--out`'s suffix names (`OUT_FORMATS`: .png, .jpg /
 .jpeg, .webp, .bmp, .gif, .tif / .tiff; anything else is refused), upscaled `--scale` times with
@@ -31,15 +33,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--prompt", help="text → image: the caption to draw")
     what.add_argument("--image", help="image → text: an image file to caption (or to ask about)")
     what.add_argument("--question", help="with --image: a question to answer about it")
+    what.add_argument(
+        "--action", action="append", help="with --image: roll the world model forward under "
+        "this action (repeat for more steps); writes --out as a strip and a GIF beside it",
+    )  # fmt: skip
     p.add_argument(
         "--out",
         default="sample.png",
-        help="image written for --prompt (.png, .jpg, .webp, .bmp, ...)",
+        help="image written for --prompt or, as a strip, for --action (.png, .jpg, .webp, ...)",
     )
     p.add_argument("--scale", type=int, default=16, help="nearest-neighbour upscale of --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="Euler steps of the flow")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="euler", choices=("euler", "stochastic"))
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--max-tokens", type=int, default=None, help="cap on generated tokens")
@@ -116,6 +123,8 @@ def _check(args: argparse.Namespace) -> None:
         )
     if args.question is not None and args.image is None:
         raise ConfigError("--question needs --image FILE to ask about")
+    if args.action and (args.image is None or args.question is not None):
+        raise ConfigError("--action needs --image FILE (the start frame) and no --question")
     if args.scale < 1:
         raise ConfigError(f"--scale={args.scale} must be >= 1")
     if args.image is not None and not Path(args.image).is_file():
@@ -124,6 +133,11 @@ def _check(args: argparse.Namespace) -> None:
         )
     if args.prompt is not None:
         out_format(Path(args.out))
+    if args.action and out_format(Path(args.out)) == "GIF":
+        raise ConfigError(
+            f"--out '{args.out}' with --action names the strip; the GIF is written beside it "
+            "with suffix .gif, so give another suffix such as .png"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_run(Path(args.run_dir), args.device)
     set_threads(loaded.cfg.train)
     sampler = Sampler.from_run(loaded)
-    if not saw_images(loaded.cfg.data):
+    if not args.action and not saw_images(loaded.cfg.data):
         data = loaded.cfg.data
         print(
             f"warning: run '{args.run_dir}' never saw images (data.source='{data.source}', "
@@ -144,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.prompt is not None:
-        opts = ImageSampling(steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+        opts = ImageSampling(args.steps, args.cfg, seed=args.seed, sampler=args.sampler)
         image = sampler.images([args.prompt], opts)[0]
         out = Path(args.out)
         write_image(image, out, args.scale)
@@ -152,6 +166,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     data = loaded.cfg.data
     image = read_image(Path(args.image), data.image_size, data.channels)
+    if args.action:
+        from moesaic.evaluate.world_model import rollout_to_files
+
+        opts = ImageSampling(args.steps, None, seed=args.seed, sampler=args.sampler)
+        rollout_to_files(sampler, image, args.action, Path(args.out), args.scale, opts)
+        return 0
     text_opts = TextSampling(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,

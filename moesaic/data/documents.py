@@ -8,6 +8,15 @@ Layouts (one document never straddles rows; `bos`/`eos` open and close every doc
     vqa            bos  boi [image] eoi  question… answer… eos   (doc_kind IMAGE_CAPTION)
     image          bos  boi [image] eoi  eos              image-only: flow loss, no text loss
     caption        bos  caption…                  eos      a caption as plain text, no image
+    video          bos  boi [f1] eoi  boi [f2] eoi … boi [fk] eoi  eos
+    action_video   bos  boi [f1] eoi  action1…  boi [f2] eoi  action2… … boi [fk] eoi  eos
+
+Video frames are image blocks of modality VIDEO, each with its own `image_id` and flow time.
+Which frames are noised and carry flow loss depends on `data.video.context` (docs/video.md):
+`clean` — frames 1..k−1 clean context, frame k (the last of the document; k drawn uniformly
+from 2..T, the rest of the clip is left out) noised; `noised` — all T frames, each with its
+own flow time, all with loss (diffusion forcing). A clip that does not fit `seq_len` loses
+frames from its end.
 
 Text targets: position i predicts the token at i+1 when that token is a text token flagged as
 a target; otherwise its target is -1. Image positions never carry text targets, and neither
@@ -22,6 +31,9 @@ are targets, per kind:
     vqa            boi, answer and eos (the question is context only)
     image          none
     caption        every token after bos (caption and eos), as in text (doc_kind TEXT)
+    video          none
+    action_video   none: actions are conditioning (the next action is not predictable from
+                   the frames before it, so its text loss would be noise)
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ import dataclasses
 
 import numpy as np
 
-from moesaic.batch import DocKind
+from moesaic.batch import DocKind, Modality
 
 # Mix keys (config `data.mix`) and the DocKind each one is recorded as.
 KIND_OF = {
@@ -41,18 +53,21 @@ KIND_OF = {
     "image": DocKind.IMAGE,
     "ood_text": DocKind.TEXT,  # eval only: laid out like text
     "caption": DocKind.TEXT,  # a caption alone, laid out like text
+    "video": DocKind.VIDEO,
+    "action_video": DocKind.ACTION_VIDEO,
 }
 
 
 @dataclasses.dataclass
 class ImageBlock:
-    """One image inside a document: `m` patches of `P` values."""
+    """One image (or video frame) inside a document: `m` patches of `P` values."""
 
     start: int  # offset of the first patch inside the document
     patches: np.ndarray  # [m, P] float32 in [-1, 1]
     noise: np.ndarray  # [m, P] float32, ε of the flow
     t: float  # flow time (1 = clean, 0 = pure noise)
     loss: bool  # carries the flow-matching loss
+    modality: int = int(Modality.IMAGE)  # Modality.VIDEO for video frames
 
 
 @dataclasses.dataclass
@@ -89,12 +104,13 @@ def assemble(
     """Lay out segments between bos and eos.
 
     segments: ("text", token_ids, is_target) or ("image", patches [m, P], noise [m, P], t,
-    loss, boi_is_target) items. Text segments are truncated from their end if the document
+    loss, boi_is_target) items; ("frame", …) items are laid out like images, as video frames
+    (modality VIDEO). Text segments are truncated from their end if the document
     would exceed `max_len` (only text can be shortened; the caller guarantees images fit).
     eos is a target when the last text segment before it is (or, for image-ending documents,
     when the image's boi was).
     """
-    n_fixed = 2 + sum(s[1].shape[0] + 2 for s in segments if s[0] == "image")
+    n_fixed = 2 + sum(s[1].shape[0] + 2 for s in segments if s[0] != "text")
     n_text = sum(len(s[1]) for s in segments if s[0] == "text")
     budget = max_len - n_fixed
     truncated = max(0, n_text - budget)
@@ -110,9 +126,11 @@ def assemble(
             flags += [seg[2]] * len(part)
             last_flag = seg[2]
         else:
-            _, patches, noise, t, loss, boi_flag = seg
+            what, patches, noise, t, loss, boi_flag = seg
             m = patches.shape[0]
-            images.append(ImageBlock(len(toks) + 1, patches, noise, float(t), bool(loss)))
+            modality = int(Modality.VIDEO if what == "frame" else Modality.IMAGE)
+            start = len(toks) + 1
+            images.append(ImageBlock(start, patches, noise, float(t), bool(loss), modality))
             toks += [ids.boi] + [ids.pad] * m + [ids.eoi]
             flags += [boi_flag] + [False] * (m + 1)
             last_flag = boi_flag
@@ -142,3 +160,8 @@ def eval_time_grid(n: int) -> list[float]:
 def min_image_doc_len(patches_per_image: int) -> int:
     """Positions an image document needs without any text: bos boi [patches] eoi eos."""
     return patches_per_image + 4
+
+
+def video_doc_len(frames: int, patches_per_image: int, text_tokens: int = 0) -> int:
+    """Positions of a clip document of `frames` frames and `text_tokens` action tokens."""
+    return 2 + frames * (patches_per_image + 2) + text_tokens

@@ -9,6 +9,11 @@
     image_uncond  the same images, noise and flow times with the caption dropped (the
               unconditional generation classifier-free guidance uses)
     caption   image → caption: clean image, text loss on the caption (and boi / eos)
+    video     bare clips: next-frame flow loss — frames 1..k−1 clean, frame k noised at a fixed
+              grid time with fixed noise (k drawn per clip, as in training with
+              `data.video.context: clean`, whatever the run's context mode); with a source that
+              has clips (the world always) and a `data.seq_len` that holds a two-frame clip
+    action_video  the same with the actions between the frames (world modelling)
     knowledge with the world's knowledge base on (`data.knowledge.entities > 0`): biographies
               of people of the base in the held-out phrasings (never in training data), text
               loss on the attribute values only, so `knowledge/text` measures stored facts
@@ -18,6 +23,9 @@ Several sources (`data.sources`). Each set draws from every source that contribu
 study reads these all-source sets. Where two or more sources contribute a kind, each of them
 also gets its own sets, named `SET@SOURCE` (`text@corpus`, `image@photos`, …; the loss keys
 then read `text@corpus/text`).
+
+Loss keys (`evaluate.losses`): `text/text`, `ood_text/text`, `image/image`, `caption/text`,
+`knowledge/text`, `video/video` and `action_video/video` (flow MSE of video-frame positions).
 
 Provenance. `EvalSets.sources` says, per set, which source, reader, paths and split it came
 from, how many held-out records that split holds (documents for text, images for image sets;
@@ -39,9 +47,9 @@ from collections.abc import Callable, Sequence
 
 from moesaic.batch import Batch, DocKind
 from moesaic.config import DataConfig
-from moesaic.data.documents import eval_time_grid
+from moesaic.data.documents import eval_time_grid, video_doc_len
 from moesaic.data.mixing import Member, SourceSet, open_sources
-from moesaic.data.packing import DocOptions, Source, Stream
+from moesaic.data.packing import VIDEO_KINDS, DocOptions, Source, Stream
 from moesaic.data.reading import DataWarning
 from moesaic.data.world import knowledge
 from moesaic.data.world.generators import Record, WorldSource
@@ -56,7 +64,11 @@ EVAL_SETS = {
     "image_uncond": ("caption_image", 3),  # the same documents as "image", captions dropped
     "caption": ("image_caption", 4),
     "knowledge": ("text", 5),  # only with a knowledge base, from `KnowledgeProbes`
+    "video": ("video", 6),
+    "action_video": ("action_video", 7),
 }
+FLOW_KINDS = ("caption_image", *VIDEO_KINDS)  # sets scored at the fixed flow-time grid
+PER_SOURCE_SETS = ("text", "image", "image_uncond", "caption", "video", "action_video")
 
 
 class KnowledgeProbes:
@@ -118,11 +130,12 @@ def build_eval_sets(
     source_factory: Callable[[DataConfig, str], Source] | None = None,
     ood_text: Sequence[str] = (),
 ) -> EvalSets:
-    """{"text", "ood_text", "image", "image_uncond", "caption", "knowledge", "SET@SOURCE"} →
-    `n_batches` Batches each ("text" only when a source has text, the image sets only when one
-    has images, "knowledge" only with the world's knowledge base on, per-source sets only for
-    kinds two or more sources contribute). `ood_text`: files for the OOD set (the config's
-    `eval.ood_text`)."""
+    """{"text", "ood_text", "image", "image_uncond", "caption", "knowledge", "video",
+    "action_video", "SET@SOURCE"} → `n_batches` Batches each ("text" only when a source has
+    text, the image sets only when one has images, "knowledge" only with the world's knowledge
+    base on, the video sets only when one has clips and a two-frame clip fits `data.seq_len`,
+    per-source sets only for kinds two or more sources contribute). `ood_text`: files for the
+    OOD set (the config's `eval.ood_text`)."""
     if source_factory is not None:
         sources = SourceSet.single(source_factory(cfg, split), "eval source", cfg.source)
     else:
@@ -141,7 +154,12 @@ def build_eval_sets(
     if kb.entities and any(m.reader == "world" for m in sources.members):
         probes = KnowledgeProbes(knowledge.knowledge_base(kb.entities, kb.attributes))
         plan["knowledge"] = [Member("", probes, label="knowledge probes", reader="world")]
-    for name in ("text", "image", "image_uncond", "caption"):
+    if cfg.seq_len >= video_doc_len(2, cfg.patches_per_image):
+        for name in VIDEO_KINDS:
+            members = _contributors(sources, EVAL_SETS[name][0])
+            if members:
+                plan[name] = members
+    for name in PER_SOURCE_SETS:
         if len(plan.get(name, ())) > 1:
             plan |= {f"{name}@{m.name}": [m] for m in plan[name]}
     out: dict[str, list[Batch]] = {}
@@ -154,8 +172,9 @@ def build_eval_sets(
             caption_dropout=1.0 if base == "image_uncond" else 0.0,
             time_shift=cfg.time_shift,
             understanding_noise=0.0,
-            t_grid=tuple(eval_time_grid(EVAL_TIME_GRID)) if kind == "caption_image" else (),
+            t_grid=tuple(eval_time_grid(EVAL_TIME_GRID)) if kind in FLOW_KINDS else (),
             salt=salt,
+            video_context="clean",
         )
         stream = Stream(
             dataclasses.replace(cfg, mix={}), tok, SourceSet(members), split, mix={kind: 1.0},

@@ -42,7 +42,14 @@ import torch
 
 from moesaic.batch import Batch, DocKind, Modality
 from moesaic.config import DataConfig
-from moesaic.data.documents import KIND_OF, Doc, assemble, flow_time, min_image_doc_len
+from moesaic.data.documents import (
+    KIND_OF,
+    Doc,
+    assemble,
+    flow_time,
+    min_image_doc_len,
+    video_doc_len,
+)
 from moesaic.data.mixing import SourceSet
 from moesaic.data.world.generators import Record
 from moesaic.data.world.scenes import derive_seed, mix64, patchify
@@ -50,10 +57,20 @@ from moesaic.errors import ConfigError, DataError
 
 LOOKAHEAD = 4
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
-KIND_IDS = {"text": 0, "caption_image": 1, "image_caption": 2, "vqa": 3, "image": 4, "ood_text": 5}
+KIND_IDS = {
+    "text": 0,
+    "caption_image": 1,
+    "image_caption": 2,
+    "vqa": 3,
+    "image": 4,
+    "ood_text": 5,
+    "video": 6,
+    "action_video": 7,
+}
 # Caption-only document g is drawn from image_caption document g's seed: the same caption.
 KIND_IDS["caption"] = KIND_IDS["image_caption"]
 IMAGE_KINDS = ("caption_image", "image_caption", "vqa", "image")
+VIDEO_KINDS = ("video", "action_video")
 STATE_VERSION = 1
 
 
@@ -76,6 +93,7 @@ class DocOptions:
     understanding_noise: float = 0.0
     t_grid: tuple[float, ...] = ()  # fixed flow times, cycled by document index (eval sets)
     salt: int = 0  # separates streams that share a seed (eval sets)
+    video_context: str = "clean"  # clean | noised (documents.py, docs/video.md)
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> DocOptions:
@@ -84,7 +102,13 @@ class DocOptions:
             caption_dropout=cfg.caption_dropout,
             time_shift=cfg.time_shift,
             understanding_noise=cfg.understanding_noise,
+            video_context=cfg.video.context,
         )
+
+
+def min_video_frames(context: str) -> int:
+    """Frames a clip document needs: a context frame and a target (clean), or one frame."""
+    return 2 if context == "clean" else 1
 
 
 class DocFactory:
@@ -127,6 +151,8 @@ class DocFactory:
             pieces = rec.pieces or ((rec.text, True),)
             segs = [("text", self.tok.encode(text), loss) for text, loss in pieces]
             return assemble(kind, segs, self.ids, key, L)
+        if kind in VIDEO_KINDS:
+            return self._video(kind, rec, s, rng, key)
         patches = patchify(rec.images[0], self.cfg.patch_size)
         noise = self._noise(s, patches.shape)
         if kind in ("caption_image", "image"):
@@ -151,6 +177,43 @@ class DocFactory:
             segs.append(("text", self.tok.encode(" " + rec.answer), True))
         else:
             segs = [("image", patches, noise, t, True, False)]
+        return assemble(kind, segs, self.ids, key, L)
+
+    def _video(
+        self, kind: str, rec: Record, s: int, rng: random.Random, key: tuple[str, int]
+    ) -> Doc:
+        """A clip laid out as `video` or `action_video` (documents.py): the frames kept, which
+        of them are noised and their flow times, all drawn from the document's own rng. `key`
+        is the document's (lane, global index)."""
+        opts, L, n, g = self.opts, self.cfg.seq_len, len(rec.images), key[1]
+        if kind == "action_video" and len(rec.actions) != n - 1:
+            raise DataError(f"a clip of {n} frames has {len(rec.actions)} actions")
+        clean = opts.video_context == "clean"
+        lo = min_video_frames(opts.video_context)
+        k = rng.randint(2, n) if clean else n
+        acts = rec.actions[: k - 1] if kind == "action_video" else ()
+        actions = [self.tok.encode(a) for a in acts]
+        H, W = rec.images[0].shape[:2]
+        m = (H // self.cfg.patch_size) * (W // self.cfg.patch_size)
+        while k > lo and video_doc_len(k, m, sum(map(len, actions[: k - 1]))) > L:
+            k -= 1
+        frames = [patchify(im, self.cfg.patch_size) for im in rec.images[:k]]
+        noise = self._noise(s, (k, m, frames[0].shape[1]))
+        grid = opts.t_grid
+        if clean:
+            t_last = grid[g % len(grid)] if grid else flow_time(rng.random(), opts.time_shift)
+            times, losses = [1.0] * (k - 1) + [t_last], [False] * (k - 1) + [True]
+        else:
+            times = [
+                grid[(g + j) % len(grid)] if grid else flow_time(rng.random(), opts.time_shift)
+                for j in range(k)
+            ]
+            losses = [True] * k
+        segs: list[tuple] = []
+        for j in range(k):
+            if j > 0 and actions:
+                segs.append(("text", actions[j - 1], False))
+            segs.append(("frame", frames[j], noise[j], times[j], losses[j], False))
         return assemble(kind, segs, self.ids, key, L)
 
 
@@ -186,6 +249,14 @@ class Stream:
             raise ConfigError(
                 f"data.seq_len={cfg.seq_len} cannot hold one image document ({need} positions "
                 f"for {cfg.patches_per_image} patches); raise data.seq_len or data.patch_size"
+            )
+        context = (opts or DocOptions.from_config(cfg)).video_context
+        need = video_doc_len(min_video_frames(context), cfg.patches_per_image)
+        if any(lane.kind in VIDEO_KINDS for lane in lanes.values()) and cfg.seq_len < need:
+            raise ConfigError(
+                f"data.seq_len={cfg.seq_len} cannot hold a clip document ({need} positions for "
+                f"{min_video_frames(context)} frames of {cfg.patches_per_image} patches); raise "
+                "data.seq_len or data.patch_size"
             )
         self.factory = DocFactory(
             cfg, tok, source, split, cfg.seed if seed is None else seed,
@@ -331,7 +402,7 @@ def pack_rows(rows: list[list[Doc]], cfg: DataConfig, pad_id: int) -> Batch:
                 noise[b, s : s + m] = img.noise
                 t[b, s : s + m] = img.t
                 image_loss[b, s : s + m] = img.loss
-                modality[b, s : s + m] = int(Modality.IMAGE)
+                modality[b, s : s + m] = img.modality
                 image_id[b, s : s + m] = n_img
                 n_img += 1
             off += n

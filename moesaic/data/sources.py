@@ -14,6 +14,8 @@
                 column (`image`/`img`) and/or a text column (`caption`/`text`)
     digits      scikit-learn's bundled 8×8 handwritten digits (extra `sklearn`), captioned
                 "a handwritten digit N"
+    clips       folders of clips stored as frame images, with optional action files: the
+                `video` and `action_video` kinds (`moesaic.data.clips`, docs/video.md)
 
 Images are decoded by one rule for every reader and for `sample --image`
 (`moesaic.data.images`: known formats only, a pixel cap, EXIF orientation, every mode and bit
@@ -101,6 +103,8 @@ def source_kinds(cfg: DataConfig) -> tuple[str, ...]:
         return ("text",)
     if cfg.source == "hf":
         return (*IMAGE_KINDS, "text")
+    if cfg.source == "clips":
+        return ("video", "action_video")
     return IMAGE_KINDS
 
 
@@ -428,6 +432,10 @@ def open_source(
     `world_size`: which WebDataset shards this process reads)."""
     if cfg.source == "webdataset":
         return ShardSource(cfg, split, label=label, rank=rank, world_size=world_size)
+    if cfg.source == "clips":  # folders of frame images (moesaic/data/clips.py)
+        from moesaic.data.clips import ClipSource
+
+        return ClipSource(cfg, split, label=label)
     return SOURCES[cfg.source](cfg, split, label=label)
 
 

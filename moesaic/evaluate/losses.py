@@ -4,7 +4,9 @@ Each eval set is a list of `Batch`es with fixed noise and flow times. Text sets 
 next-token cross-entropy over all their text targets (and its perplexity); image sets report
 the mean flow-matching MSE over all their image elements, and the same MSE per flow-time bin
 (`TIME_BINS` equal bins of t ∈ [0, 1], keys `<set>/image_t<i>`, bin i holding
-i/TIME_BINS ≤ t < (i+1)/TIME_BINS). Means are weighted by the number of positions behind each
+i/TIME_BINS ≤ t < (i+1)/TIME_BINS); video sets report the flow-matching MSE over their
+video-frame elements (`<set>/video`; the time bins count image positions only). Means are
+weighted by the number of positions behind each
 batch's mean, so the result does not depend on how the set was batched.
 
 `EvalResult.batches` keeps every batch's own mean per key, from which the evaluation noise of a
@@ -34,15 +36,16 @@ from moesaic.model import heads
 from moesaic.model.moe import moe_layers
 
 TIME_BINS = 8
-# per batch: text loss sum, text targets, image loss sum, image positions, then per time bin
-# image loss sum and positions
-_COLUMNS = 4 + 2 * TIME_BINS
+# per batch: text loss sum, text targets, image loss sum, image positions, video loss sum,
+# video positions, then per time bin image loss sum and positions
+_COLUMNS = 6 + 2 * TIME_BINS
 
 
 @dataclasses.dataclass
 class EvalResult:
-    """`means`: {"<set>/text", "<set>/text_ppl", "<set>/image", "<set>/image_t<i>"}; `batches`:
-    the same keys (but perplexity) → each batch's own mean (None where a batch has none)."""
+    """`means`: {"<set>/text", "<set>/text_ppl", "<set>/image", "<set>/image_t<i>",
+    "<set>/video"}; `batches`: the same keys (but perplexity) → each batch's own mean (None
+    where a batch has none)."""
 
     means: dict[str, float]
     batches: dict[str, list[float | None]]
@@ -66,9 +69,12 @@ def _moe_buffers(model: nn.Module) -> list[Tensor]:
 
 def _batch_sums(model: nn.Module, batch: Batch, out) -> Tensor:
     """One batch's row of sums and counts (see `_COLUMNS`), in float64."""
-    tn, im = int(out.text_targets), int(out.image_positions)
-    row = [float(out.text_loss) * tn, tn, float(out.image_loss) * im, im]
-    mask = batch.image_loss
+    tn, im, vn = int(out.text_targets), int(out.image_positions), int(out.video_positions)
+    row = [
+        float(out.text_loss) * tn, tn, float(out.image_loss) * im, im,
+        float(out.video_loss) * vn, vn,
+    ]  # fmt: skip
+    mask = batch.image_loss & batch.image_mask
     target = heads.flow_target(batch.patches, batch.noise, model.cfg.prediction)
     err_N = (out.image_pred[mask].float() - target[mask].float()).square().mean(-1)
     bin_N = (batch.t[mask] * TIME_BINS).long().clamp(0, TIME_BINS - 1)
@@ -88,9 +94,11 @@ def _keys(name: str, sums: Tensor) -> dict[str, float]:
     if s[3]:
         out[f"{name}/image"] = s[2] / s[3]
         for i in range(TIME_BINS):
-            total, n = s[4 + 2 * i], s[5 + 2 * i]
+            total, n = s[6 + 2 * i], s[7 + 2 * i]
             if n:
                 out[f"{name}/image_t{i}"] = total / n
+    if s[5]:
+        out[f"{name}/video"] = s[4] / s[5]
     return out
 
 

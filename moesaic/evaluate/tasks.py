@@ -1,4 +1,5 @@
-"""Task accuracy of a trained run: captioning, text-to-image and visual question answering.
+"""Task accuracy of a trained run: captioning, text-to-image, visual question answering and
+world modelling.
 
 On the built-in world (held-out scenes of the `test` split by default: every test scene holds
 a (shape, colour) pair never seen in training, so these are compositional generalisation
@@ -10,6 +11,10 @@ scores; `split="val"` gives unseen scenes of the training distribution):
              world's exact scene parser, compare with the scene the caption describes
     vqa      answer held-out visual questions (greedy); exact match of the short answer
              (lowercased, surrounding spaces and final punctuation removed)
+    world    roll the model forward from held-out clips' first frames under their actions,
+             parse every predicted frame and compare it with the true scene after each action
+             (`world_model`: keys `world/step{k}/…`, random and copy-the-previous-frame
+             baselines)
 
 Scene comparison (`score_scenes`). Predicted objects are matched one-to-one to true objects by
 the assignment that maximises the number of agreeing attributes (shape, colour, size,
@@ -23,8 +28,9 @@ Chance (`chance_levels`): the same scores for a predictor that outputs an indepe
 scene of the same split (captioning and text-to-image share it), and for VQA a uniform guess
 over the answers seen for questions that begin with the same two words.
 
-Real data (a source without a scene parser): `caption/text_loss` (held-out caption CE) and
-`t2i/image_loss` (held-out flow MSE) — losses, lower is better — and no VQA.
+Real data (a source without a scene parser): `caption/text_loss` (held-out caption CE),
+`t2i/image_loss` (held-out flow MSE) and `world/video_loss` (held-out next-frame flow MSE of
+action-conditioned clips) — losses, lower is better — and no VQA.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from moesaic.errors import ConfigError
 from moesaic.evaluate.caption_parser import ATTRIBUTES, ObjectGuess, parse_caption
 from moesaic.evaluate.sampling import ImageSampling, Sampler, TextSampling
 
-TASKS = ("caption", "t2i", "vqa")
+TASKS = ("caption", "t2i", "vqa", "world")
 SCENE_METRICS = (*ATTRIBUTES, "count", "background", "exact")
 TASK_SALT = 0x7A5C
 
@@ -197,10 +203,14 @@ def run_tasks(
     split: str = "test",
     image_opts: ImageSampling | None = None,
     text_opts: TextSampling | None = None,
+    world_opts: ImageSampling | None = None,
+    world_steps: int = 3,
 ) -> dict[str, float]:
     """Task scores of a `LoadedRun` as flat keys: `caption/{shape,colour,size,position,count,
-    background,exact}`, `t2i/{same…, parser_confidence}`, `vqa/accuracy` (higher is better),
-    each over `n` held-out examples; on real data `caption/text_loss`, `t2i/image_loss`."""
+    background,exact}`, `t2i/{same…, parser_confidence}`, `vqa/accuracy`,
+    `world/step{k}/{same…, effect, parser_confidence}` (higher is better), each over `n`
+    held-out examples; on real data `caption/text_loss`, `t2i/image_loss`, `world/video_loss`.
+    World rollouts are unguided unless `world_opts` says otherwise."""
     tasks = check_tasks(tasks)
     if n < 1:
         raise ConfigError(f"--n={n} must be >= 1 (held-out examples per task)")
@@ -220,6 +230,13 @@ def run_tasks(
         out |= t2i_scores(sampler, recs, image_opts)
     if "vqa" in tasks:
         out |= vqa_scores(sampler, held_out("vqa", n, seed, split, reg, size), text_opts)
+    if "world" in tasks:
+        from moesaic.evaluate.world_model import world_clips, world_scores
+
+        opts = world_opts or ImageSampling(
+            steps=image_opts.steps, cfg_scale=None, seed=seed, sampler=image_opts.sampler
+        )
+        out |= world_scores(sampler, world_clips(n, seed, split, world_steps), opts)
     return out
 
 
@@ -236,4 +253,6 @@ def _real_data_losses(run, tasks: list[str]) -> dict[str, float]:
         out["caption/text_loss"] = losses["caption/text"]
     if "t2i" in tasks and "image/image" in losses:
         out["t2i/image_loss"] = losses["image/image"]
+    if "world" in tasks and "action_video/video" in losses:
+        out["world/video_loss"] = losses["action_video/video"]
     return out

@@ -15,7 +15,7 @@ from moesaic.batch import Modality
 from moesaic.model.dispatch import dispatch
 from moesaic.model.experts import Experts, swiglu
 
-NUM_MODALITIES = len(Modality)
+NUM_MODALITIES = len(Modality)  # rows of the per-modality routing statistics
 
 
 @dataclasses.dataclass
@@ -48,21 +48,30 @@ class DenseFFN(nn.Module):
         return self.w_down(swiglu(self.w_gate_up(x_TD))), None
 
 
-class ModalityFFN(nn.Module):
-    """One SwiGLU of width F per modality; a token runs only its own modality's FFN.
+def modality_slot(modality_T: Tensor, slots: int) -> Tensor:
+    """Which modality's FFN weights a token uses: text 0, image 1, video 2 with three slots
+    (`video_ffn: own`), or 1 — the image's — with two (`video_ffn: image`)."""
+    return modality_T.clamp(0, slots - 1)
 
-    The two FFNs are stacked as two "experts" with a fixed routing (expert = modality, gate 1),
-    so tokens are permuted once and both FFNs run as one grouped matmul: each token costs
-    exactly one FFN, with no masked dense compute of the other.
+
+class ModalityFFN(nn.Module):
+    """One SwiGLU of width F per modality slot; a token runs only its own slot's FFN.
+
+    Slots: text and image, plus video when it has its own FFN (`model.ffn.video_ffn: own`;
+    otherwise video frames use the image FFN). The FFNs are stacked as "experts" with a fixed
+    routing (expert = slot, gate 1), so tokens are permuted once and all FFNs run as one
+    grouped matmul: each token costs exactly one FFN, with no masked dense compute of the
+    others.
     """
 
-    def __init__(self, dim: int, hidden: int, backend: str = "auto"):
+    def __init__(self, dim: int, hidden: int, backend: str = "auto", slots: int = 2):
         super().__init__()
-        self.experts = Experts(NUM_MODALITIES, dim, hidden, backend)
+        self.slots = slots
+        self.experts = Experts(slots, dim, hidden, backend)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         self.experts.reset_parameters(std, out_std)
 
     def forward(self, x_TD: Tensor, meta: TokenMeta) -> tuple[Tensor, None]:
-        expert_T1 = meta.modality_T.clamp(0, NUM_MODALITIES - 1).unsqueeze(1)
+        expert_T1 = modality_slot(meta.modality_T, self.slots).unsqueeze(1)
         return dispatch(x_TD, expert_T1, None, self.experts), None

@@ -3,14 +3,17 @@
 Per token (T tokens of width D, E routed experts of width H = F/G):
 
 1. Router logits `x W_r` in fp32 ([T, E]). With `groups: modality` the experts are split in
-   half — experts [0, E/2) for text, [E/2, E) for image (MoMa) — and the logits of the other
-   group are masked to −inf, so routing is learned only inside the token's own group.
+   equal groups — experts [0, E/2) for text, [E/2, E) for image (MoMa); thirds for text,
+   image and video with `video_ffn: own` (otherwise video tokens route in the image group) —
+   and the logits of the other groups are masked to −inf, so routing is learned only inside
+   the token's own group.
 2. Scores: softmax over the visible logits, or elementwise sigmoid.
 3. Selection: top-k of `scores + router_bias` (the bias is the auxiliary-loss-free balancing
    term and only ever affects *which* experts are chosen); gates are the unbiased scores of the
    chosen experts, renormalised to sum to 1 when `renormalize`.
 4. Dropless dispatch (`dispatch.py`), plus the always-on shared expert when configured
-   (`global`: one expert of width H for all tokens; `per_modality`: one per modality).
+   (`global`: one expert of width H for all tokens; `per_modality`: one per modality slot,
+   video sharing the image's unless `video_ffn: own`).
 
 k counts the routed experts only: `active_experts` (top_k, or G when 0) includes the shared
 expert, so routed k = active_experts − 1 with a shared expert. Then every token runs
@@ -30,7 +33,9 @@ token can see (all E experts, or its group's E/2):
   over the expert's pool) and clears the counts.
 
 Routing statistics (`stats_*` buffers, int64, never synchronised with the host) count routed
-assignments of non-padding tokens in every forward pass, training and evaluation alike.
+assignments of non-padding tokens in every forward pass, training and evaluation alike, with
+one row per `Modality` (text, image, video) whatever the FFN slots; the flow-time bins count
+image tokens only.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from moesaic.batch import NUM_DOC_KINDS, Modality
 from moesaic.config import FFNConfig
 from moesaic.model.dispatch import dispatch
 from moesaic.model.experts import Experts
-from moesaic.model.ffn import NUM_MODALITIES, DenseFFN, ModalityFFN, TokenMeta
+from moesaic.model.ffn import NUM_MODALITIES, DenseFFN, ModalityFFN, TokenMeta, modality_slot
 
 TIME_BINS = 10
 
@@ -67,13 +72,13 @@ class MoE(nn.Module):
         if cfg.shared == "global":
             self.shared = DenseFFN(dim, H)
         elif cfg.shared == "per_modality":
-            self.shared = ModalityFFN(dim, H, cfg.dispatch)
-        # Pool (group) of each expert: all 0, or 0 for text experts and 1 for image experts.
-        group_E = torch.zeros(E, dtype=torch.int64)
-        if cfg.groups == "modality":
-            group_E[E // 2 :] = int(Modality.IMAGE)
+            self.shared = ModalityFFN(dim, H, cfg.dispatch, cfg.modality_slots)
+        # Pool (group) of each expert: all 0, or the modality slot its equal share belongs to
+        # (text experts first, then image, then video with video_ffn=own).
+        self.num_groups = cfg.modality_slots if cfg.groups == "modality" else 1
+        group_E = torch.arange(E, dtype=torch.int64) // (E // self.num_groups)
         self.register_buffer("group_E", group_E, persistent=False)
-        self.pool_size = E // 2 if cfg.groups == "modality" else E
+        self.pool_size = E // self.num_groups
         self.register_buffer("router_bias", torch.zeros(E))
         self.register_buffer("bias_counts", torch.zeros(E, dtype=torch.int64), persistent=False)
         for name, shape in self.stat_shapes().items():
@@ -102,7 +107,7 @@ class MoE(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):
             logits = F.linear(x_TD.float(), self.router.weight.float())
         if self.grouped == "modality":
-            group_T = meta.modality_T.clamp(0, NUM_MODALITIES - 1)
+            group_T = modality_slot(meta.modality_T, self.num_groups)
             hidden_TE = self.group_E.unsqueeze(0) != group_T.unsqueeze(1)
             logits = logits.masked_fill(hidden_TE, float("-inf"))
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
@@ -156,7 +161,7 @@ class MoE(nn.Module):
             )
             group_T = self._group_of_tokens(meta)
             # tokens per group (a 2-row one-hot product: compiles, unlike a 2-bucket scatter)
-            groups_G = torch.arange(NUM_MODALITIES, device=n.device)
+            groups_G = torch.arange(self.num_groups, device=n.device)
             tokens_G = (group_T.unsqueeze(0) == groups_G.unsqueeze(1)).float() @ valid_T
             pool_tokens_E = tokens_G[self.group_E].clamp_min(1.0)
             switch = (counts_E * prob_sum_E / pool_tokens_E).sum() * self.pool_size / (k * n)
@@ -164,9 +169,7 @@ class MoE(nn.Module):
         return aux
 
     def _group_of_tokens(self, meta: TokenMeta) -> Tensor:
-        if self.grouped == "modality":
-            return meta.modality_T.clamp(0, NUM_MODALITIES - 1)
-        return torch.zeros_like(meta.modality_T)
+        return modality_slot(meta.modality_T, self.num_groups)
 
     # ------------------------------------------------------------------ statistics
 
@@ -203,7 +206,7 @@ class MoE(nn.Module):
     def apply_bias_update(self, counts_E: Tensor) -> None:
         """b_i += γ·sign(mean count of i's pool − count_i), exact in integers."""
         counts_E = counts_E.to(torch.int64)
-        pool_sum_G = torch.zeros(NUM_MODALITIES, dtype=torch.int64, device=counts_E.device)
+        pool_sum_G = torch.zeros(self.num_groups, dtype=torch.int64, device=counts_E.device)
         pool_sum_G.index_add_(0, self.group_E, counts_E)
         direction = torch.sign(pool_sum_G[self.group_E] - self.pool_size * counts_E)
         self.router_bias.add_(self.bias_rate * direction.to(self.router_bias.dtype))

@@ -3,7 +3,8 @@
 * Total parameters: every parameter once (tied embeddings counted once).
 * Active parameters: those one token uses in one forward pass. Everything is active except the
   experts a token does not run: of a MoE layer's E routed experts only its k routed ones, of a
-  per-modality FFN (or per-modality shared expert) only its own modality's — and of a memory
+  per-modality FFN (or per-modality shared expert) only its own modality's (one of two, or of
+  three with a video FFN of its own, `video_ffn: own`) — and of a memory
   table only the rows a text token looks up (one per table: orders × heads rows of width
   `memory.dim` per memory layer). Embeddings, heads, routers, norms and the memory's
   projections and convolution count as active. Image positions take no memory; they are
@@ -27,7 +28,7 @@ from torch import nn
 
 from moesaic.config import ModelConfig
 from moesaic.errors import ConfigError
-from moesaic.model.ffn import NUM_MODALITIES, ModalityFFN
+from moesaic.model.ffn import ModalityFFN
 from moesaic.model.memory import NgramMemory
 from moesaic.model.moe import MoE
 from moesaic.model.norm import RMSNorm
@@ -48,7 +49,7 @@ def inactive_params(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
         if isinstance(m, ModalityFFN):
-            n += _numel(m.experts) * (NUM_MODALITIES - 1) // NUM_MODALITIES
+            n += _numel(m.experts) * (m.slots - 1) // m.slots
         elif isinstance(m, MoE):
             n += _numel(m.experts) * (m.num_experts - m.top_k) // m.num_experts
         elif isinstance(m, NgramMemory):
@@ -93,7 +94,7 @@ def param_breakdown(model: nn.Module) -> dict[str, int]:
     attention = sum(_numel(b.attn) for b in model.blocks)
     return {
         "embedding": model.tok_embed.weight.numel(),
-        "image_in": _numel(model.image_in),
+        "image_in": _numel(model.image_in) + (_numel(model.patch_pos) if model.patch_pos else 0),
         "attention": attention,
         "ffn_active": ffn_active,
         "ffn_total": ffn_total,
@@ -221,7 +222,7 @@ def memory_split(cfg: ModelConfig, sparse_params: int, rho: float) -> MemorySpli
             "set the memory layout (e.g. model.memory.layers=[1])"
         )
     unit = expert_unit_params(cfg)
-    step = 2 if cfg.ffn.groups == "modality" else 1
+    step = cfg.ffn.modality_slots if cfg.ffn.groups == "modality" else 1
     experts = min(round(rho * sparse_params / (unit * step)), sparse_params // (unit * step))
     experts *= step
     if not _fits(cfg, experts):

@@ -1,14 +1,17 @@
 """The unified decoder-only transformer over packed text + image sequences (design.md §2–4).
 
-    tokens ──tok_embed──┐                                   ┌─ text_head ─► logits   [B, L, V]
-                        ├─ where(image) ─► blocks ─► norm ──┤
-    x_t, t ──image_in───┘                                   └─ image_head ► pred     [B, L, P]
+    tokens ──tok_embed──┐                                    ┌─ text_head ─► logits   [B, L, V]
+                        ├─ where(visual) ─► blocks ─► norm ──┤
+    x_t, t ──image_in───┘                                    └─ image_head ► pred     [B, L, P]
 
 Pre-norm blocks (RMSNorm) with rotary attention (optional QK-norm) and a feed-forward layer
 that is dense, per-modality or a mixture of experts (`ffn.py`, `moe.py`); no biases anywhere.
 Blocks listed in `memory.layers` first add a hashed n-gram lookup memory (`memory.py`).
 Attention is causal across the sequence, bidirectional inside an image block and blocked
-across documents. Positions are passed explicitly to attention, so decoding can run one new
+across documents. Video frames are image blocks of their own (modality VIDEO, own `image_id`
+and flow time): they enter and leave through the same patch projections as images, see every
+patch of their own frame and everything before it — earlier frames and actions — and nothing
+after. Positions are passed explicitly to attention, so decoding can run one new
 position at a time against a `KVCache` of the keys and values of everything before it.
 """
 
@@ -35,14 +38,16 @@ from moesaic.model.params import count_params, flops_per_token
 class ModelOutput:
     """Losses (0-d tensors) and outputs of one forward pass. Counts stay on device until read."""
 
-    loss: Tensor  # text_loss + λ·image_loss + aux_loss
+    loss: Tensor  # text_loss + λ·(image_loss + video_loss) + aux_loss
     text_loss: Tensor  # mean CE over targets >= 0 (0 if none)
-    image_loss: Tensor  # mean MSE over elements of image-loss positions (0 if none)
+    image_loss: Tensor  # mean MSE over elements of image-loss positions of images (0 if none)
     aux_loss: Tensor  # MoE balancing terms summed over layers (0 if none)
     logits: Tensor  # [B, L, V]
-    image_pred: Tensor  # [B, L, P]
+    image_pred: Tensor  # [B, L, P] (at image and video-frame positions)
     text_targets: Tensor  # 0-d int64: number of text targets
-    image_positions: Tensor  # 0-d int64: number of image-loss positions
+    image_positions: Tensor  # 0-d int64: number of image-loss positions of images
+    video_loss: Tensor  # mean MSE over elements of image-loss positions of video frames
+    video_positions: Tensor  # 0-d int64: number of image-loss positions of video frames
     hidden_states: list[Tensor] | None = None  # [B, L, D] after each block, when asked for
 
     @property
@@ -52,6 +57,10 @@ class ModelOutput:
     @property
     def image_count(self) -> int:
         return int(self.image_positions)
+
+    @property
+    def video_count(self) -> int:
+        return int(self.video_positions)
 
 
 class Rotary(nn.Module):
@@ -75,6 +84,34 @@ def apply_rotary(x_BLHd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate q or k in fp32: [B, L, H, d] with tables [B, L, 1, d/2]."""
     x1, x2 = x_BLHd.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x_BLHd.dtype)
+
+
+def index_in_block(image_id_BL: Tensor) -> Tensor:
+    """Each position's index inside its image / frame block (0 at the first patch, 0 at text):
+    [B, L] int64. Blocks are contiguous, so it is the distance to the block's first position."""
+    B, L = image_id_BL.shape
+    pos = torch.arange(L, device=image_id_BL.device).expand(B, L)
+    before = F.pad(image_id_BL[:, :-1], (1, 0), value=-1)
+    start = (image_id_BL >= 0) & (image_id_BL != before)
+    first = torch.where(start, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    return torch.where(image_id_BL >= 0, pos - first, torch.zeros_like(pos))
+
+
+class PatchPosition(nn.Module):
+    """Where a patch sits inside its image or frame (`model.patch_positions`): sinusoidal
+    features of its index in the block → Linear, [B, L] -> [B, L, D]. The same patch of two
+    frames gets the same vector whatever lies between them (rotary positions only give the
+    offset, which varies with the action text), so attention can match a patch to its
+    counterpart in the frame before."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, index_BL: Tensor) -> Tensor:
+        # timestep_features embeds t·TIME_SCALE: pass index / TIME_SCALE to embed the index
+        return self.proj(heads.timestep_features(index_BL.float() / heads.TIME_SCALE, self.dim))
 
 
 def attention_mask(doc_id_BL: Tensor, image_id_BL: Tensor, first_query: int = 0) -> Tensor:
@@ -171,7 +208,7 @@ class Attention(nn.Module):
 def build_ffn(cfg: FFNConfig, dim: int, layer: int) -> nn.Module:
     """Block `layer`'s FFN; with kind moe, blocks every-1, 2·every-1, … are MoE, others dense."""
     if cfg.kind == "modality":
-        return ModalityFFN(dim, cfg.hidden, cfg.dispatch)
+        return ModalityFFN(dim, cfg.hidden, cfg.dispatch, cfg.modality_slots)
     if cfg.kind == "moe" and (layer + 1) % cfg.every == 0:
         return MoE(cfg, dim)
     return DenseFFN(dim, cfg.hidden)
@@ -231,6 +268,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.image_in = heads.ImageInput(cfg.patch_dim, cfg.dim)
+        self.patch_pos = PatchPosition(cfg.dim) if cfg.patch_positions else None
         self.rotary = Rotary(cfg.dim // cfg.heads, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -267,11 +305,14 @@ class Transformer(nn.Module):
         return self.cfg.attention == "flex"
 
     def embed(self, batch: Batch) -> Tensor:
-        """Token embeddings at text positions, projected noised patches + t at images: [B, L, D]."""
+        """Token embeddings at text positions, projected noised patches + t at image and video
+        positions: [B, L, D]."""
         x_t = heads.flow_input(batch.patches, batch.noise, batch.t)
         image = self.image_in(x_t, batch.t)
+        if self.patch_pos is not None:
+            image = image + self.patch_pos(index_in_block(batch.image_id))
         text = self.tok_embed(batch.tokens)
-        return torch.where(batch.image_mask.unsqueeze(-1), image.to(text.dtype), text)
+        return torch.where(batch.visual_mask.unsqueeze(-1), image.to(text.dtype), text)
 
     def forward(
         self,
@@ -320,9 +361,12 @@ class Transformer(nn.Module):
 
         text_loss, text_targets = heads.text_loss(logits, batch.targets)
         target = heads.flow_target(batch.patches, batch.noise, self.cfg.prediction)
-        image_loss, image_positions = heads.image_loss(image_pred, target, batch.image_loss)
+        flow = batch.image_loss
+        image_loss, image_positions = heads.image_loss(image_pred, target, flow & batch.image_mask)
+        video_loss, video_positions = heads.image_loss(image_pred, target, flow & batch.video_mask)
         aux_loss = torch.stack(aux_terms).sum() if aux_terms else text_loss.new_zeros(())
-        loss = text_loss + self.cfg.image_loss_weight * image_loss + aux_loss
+        flow_loss = image_loss + video_loss  # each a per-modality mean, like the text loss
+        loss = text_loss + self.cfg.image_loss_weight * flow_loss + aux_loss
         return ModelOutput(
             loss=loss,
             text_loss=text_loss,
@@ -332,6 +376,8 @@ class Transformer(nn.Module):
             image_pred=image_pred,
             text_targets=text_targets,
             image_positions=image_positions,
+            video_loss=video_loss,
+            video_positions=video_positions,
             hidden_states=hidden if output_hidden_states else None,
         )
 

@@ -292,14 +292,14 @@ class Trainer:
         cfg = self.cfg.train
         lr = lr_at(self.step, cfg)
         set_lr(self.optimizer, lr)
-        sums = torch.zeros(4, device=self.device)
+        sums = torch.zeros(5, device=self.device)
         for _ in range(cfg.grad_accum):
             batch = next(self.stream).to(self.device)
             with self.autocast():
                 out = self.forward(batch)
             (out.loss / cfg.grad_accum).backward()
-            parts = torch.stack([out.loss, out.text_loss, out.image_loss, out.aux_loss])
-            sums += parts.detach().float() / cfg.grad_accum
+            parts = [out.loss, out.text_loss, out.image_loss, out.aux_loss, out.video_loss]
+            sums += torch.stack(parts).detach().float() / cfg.grad_accum
             self.tokens_seen += batch.tokens.numel() * self.world.world_size
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -308,7 +308,7 @@ class Trainer:
             grad_norm = distributed.clip_grad_norm(params, max_norm)
         else:
             grad_norm = clip_grad_norm_(params, max_norm)  # memory tables: sparse
-        loss, text_loss, image_loss, aux_loss = sums.tolist()
+        loss, text_loss, image_loss, aux_loss, video_loss = sums.tolist()
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
@@ -330,6 +330,7 @@ class Trainer:
             "loss": loss,
             "text_loss": text_loss,
             "image_loss": image_loss,
+            "video_loss": video_loss,
             "aux_loss": aux_loss,
             "lr": lr,
             "grad_norm": float(grad_norm),
@@ -457,6 +458,8 @@ class Trainer:
                     record |= {"skipped_steps": self.skipped_steps, "tokens_per_s": tok_s}
                     self._log(record)
                     shown = {k: values[k] for k in ("loss", "text_loss", "image_loss")}
+                    if values["video_loss"]:
+                        shown["video_loss"] = values["video_loss"]
                     progress.update(self.step, shown | {"tok/s": round(tok_s)}, force_line=True)
                 else:
                     progress.update(self.step, {k: values[k] for k in ("loss",)})
