@@ -12,15 +12,13 @@ from moesaic.data.world.captions import REGISTERS
 from moesaic.data.world.scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, SceneObject
 from moesaic.errors import ConfigError
 from moesaic.evaluate.caption_parser import ObjectGuess, parse_caption
+from moesaic.evaluate.scene_scores import SCENE_METRICS, match_objects, score_scenes
 from moesaic.evaluate.tasks import (
-    SCENE_METRICS,
     caption_scores,
     chance_levels,
     held_out,
-    match_objects,
     normalize_answer,
     run_tasks,
-    score_scenes,
     t2i_scores,
     vqa_scores,
 )

@@ -11,8 +11,8 @@ against the true scene after k actions, so `step1` is one-step prediction from a
 later steps include the model's own errors. Keys `world/step{k}/{metric}`, k = 1..steps:
 
     shape colour size position count background exact
-                the scene scores of `tasks.score_scenes` (matched objects, Σ max(#true, #pred)
-                slots; exact = the whole scene, background included)
+                the scene scores of `scene_scores.score_scenes` (matched objects,
+                Σ max(#true, #pred) slots; exact = the whole scene, background included)
     effect      the k-th action did what it says: the object it acts on is in the predicted
                 scene exactly as the action leaves it (cell, shape, colour, size) — for `move`
                 with its old cell empty — and after `remove` its cell is empty
@@ -44,7 +44,7 @@ from moesaic.data.world.scenes import Scene, derive_seed, render, sample_scene
 from moesaic.errors import ConfigError
 from moesaic.evaluate.caption_parser import ObjectGuess
 from moesaic.evaluate.sampling import ImageSampling, Sampler
-from moesaic.evaluate.tasks import SCENE_METRICS, score_scenes
+from moesaic.evaluate.scene_scores import SCENE_METRICS, score_scenes
 
 WORLD_SALT = 0x3D0C
 METRICS = (*SCENE_METRICS, "effect")
