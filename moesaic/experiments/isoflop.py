@@ -96,7 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "eval.batches=16",
             "logging.every=50",
         ],
-        "budgets": [3e10, 1e11, 3e11],
+        "budgets": [1e10, 3e10, 1e11],
         "sizes": ["16x1", "16x2", "24x2", "32x2", "48x2", "64x2"],
         "head_dim": 8,
         "experts": 8,
