@@ -3,7 +3,6 @@ runs' own logs, reuse / resume / jobs giving identical summaries, presets and ba
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from moesaic.errors import ConfigError
 from moesaic.experiments.arms import ARMS, parse_arms
 from moesaic.experiments.compete import EXPERIMENT, CompeteConfig, task_metrics, variant_overrides
 from moesaic.experiments.compete_presets import PRESETS
-from moesaic.experiments.engine import RunSpec, base_config, run_config, run_experiment
+from moesaic.experiments.engine import base_config, run_config, run_experiment
 from moesaic.experiments.study import load_study
 from moesaic.experiments.tax_summary import task_spec
 
@@ -340,29 +339,3 @@ def test_run_parallel_collects_results_and_propagates_errors():
     assert got == {1.0: 1.0, 4.0: 2.0, 9.0: 3.0}
     with pytest.raises(ValueError, match="math domain error"):
         run_parallel(math.sqrt, [4.0, -1.0], 2, lambda item, r: None)
-
-
-def test_joint_runs_are_analysed_right_after_training(smoke, monkeypatch):
-    """after_run (in the worker) writes the joint run's analysis, so that the summary, which
-    runs after every run, only reads it; other variants are not analysed."""
-    import moesaic.analysis.runs as runs
-
-    calls = []
-    real = runs.analyze_run
-
-    def analyze_run(run_dir, *args, **kwargs):
-        calls.append(Path(run_dir).name)
-        return real(run_dir, *args, **kwargs)
-
-    monkeypatch.setattr(runs, "analyze_run", analyze_run)
-    st = study()
-    joint = smoke / "runs" / "moe-joint-s0"
-    (joint / "analysis.json").unlink()
-    spec = RunSpec("moe-joint-s0", (), (("arm", "moe"), ("variant", "joint"), ("seed", 0)))
-    assert EXPERIMENT.after_run(st, spec, joint) == {}
-    assert calls == ["moe-joint-s0"]
-    assert json.loads((joint / "analysis.json").read_text())["step"] == _summary(joint)["step"]
-    EXPERIMENT.after_run(st, spec, joint)  # cached now
-    text = RunSpec("moe-text-s0", (), (("arm", "moe"), ("variant", "text"), ("seed", 0)))
-    EXPERIMENT.after_run(st, text, smoke / "runs" / "moe-text-s0")
-    assert calls == ["moe-joint-s0"]

@@ -252,11 +252,6 @@ class Compete:
         return specs
 
     def after_run(self, study: CompeteConfig, spec: RunSpec, run_dir: Path) -> dict[str, Any]:
-        if study.analyze and spec.tag("variant") == "joint":
-            from moesaic.experiments.tax_summary import ensure_analysis
-
-            step = json.loads((run_dir / "summary.json").read_text()).get("step")
-            ensure_analysis(run_dir, step, study.analyze_tokens, lambda _msg: None)
         if not study.tasks:
             return {}
         return {"tasks": task_metrics(run_dir, spec.tag("variant"), study.task_examples)}

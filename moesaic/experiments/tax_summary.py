@@ -157,24 +157,11 @@ def _fairness(study, by: Mapping, arms: list[str]) -> dict[str, Any]:
     }
 
 
-def ensure_analysis(run_dir: Path, step: int | None, tokens: str, log: Callable) -> dict:
-    """The run's `analysis.json` if it is of this step and token choice, else analyse it now
-    (and draw its figures). Called in the worker right after a joint run finishes, so that runs
-    are analysed in parallel; the summary then finds them cached."""
+def _specialization(study, by: Mapping, log: Callable) -> tuple[dict, dict]:
+    """(per MoE arm: overall metrics as Stat over seeds; per arm: the first seed's analysis)."""
     from moesaic.analysis.runs import analyze_run
     from moesaic.report.plots import save_analysis_figures
 
-    path = run_dir / "analysis.json"
-    analysis = json.loads(path.read_text()) if path.is_file() else {}
-    if analysis.get("step") != step or analysis.get("tokens") != tokens:
-        log(f"analysing {run_dir.name}")
-        analysis = analyze_run(run_dir, tokens=tokens)
-        save_analysis_figures(analysis, run_dir / "analysis", run_dir.name)
-    return analysis
-
-
-def _specialization(study, by: Mapping, log: Callable) -> tuple[dict, dict]:
-    """(per MoE arm: overall metrics as Stat over seeds; per arm: the first seed's analysis)."""
     stats: dict[str, Any] = {}
     first: dict[str, Any] = {}
     for arm in study.arms:
@@ -183,9 +170,14 @@ def _specialization(study, by: Mapping, log: Callable) -> tuple[dict, dict]:
             result = by.get((arm, "joint", seed))
             if result is None:
                 continue
-            analysis = ensure_analysis(
-                result.run_dir, result.summary.get("step"), study.analyze_tokens, log
-            )
+            path = result.run_dir / "analysis.json"
+            analysis = json.loads(path.read_text()) if path.is_file() else {}
+            if analysis.get("step") != result.summary.get("step") or (
+                analysis.get("tokens") != study.analyze_tokens
+            ):
+                log(f"analysing {result.run_dir.name}")
+                analysis = analyze_run(result.run_dir, tokens=study.analyze_tokens)
+                save_analysis_figures(analysis, result.run_dir / "analysis", result.run_dir.name)
             per_seed.append(analysis)
             if seed == study.first_seed:
                 first[arm] = analysis
