@@ -35,7 +35,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from moesaic.config import Config
 from moesaic.errors import ConfigError
@@ -80,6 +80,8 @@ class CompeteConfig(StudyConfig):
     video: bool = False  # add the video-only run and the text + video, image + video runs
     # video-only data: shares of document tokens of bare clips and action-conditioned clips
     video_mix: dict[str, float] = dataclasses.field(default_factory=lambda: {"video": 1.0})
+    # experiments built on this one that do not plan or report the video conditions say so
+    has_video_conditions: ClassVar[bool] = True
 
     def validate(self) -> CompeteConfig:
         super().validate()
@@ -114,6 +116,11 @@ class CompeteConfig(StudyConfig):
             )
         if sum(self.video_mix.values()) <= 0:
             raise ConfigError("study.video_mix has no positive weight")
+        if self.video and not self.has_video_conditions:
+            raise ConfigError(
+                "study.video=true: this experiment has no video conditions; they belong to the "
+                "tax experiment (moesaic compete --experiment tax)"
+            )
         if self.video and self.match != "steps":
             raise ConfigError(
                 f"study.video=true needs study.match=steps (got '{self.match}'): the video "
