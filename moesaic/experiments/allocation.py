@@ -33,7 +33,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from moesaic.analysis.stats import Stat, paired, parabola_fit, with_holm
 from moesaic.analysis.tax import HEADLINE_KEYS
@@ -161,6 +161,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclasses.dataclass
 class AllocationConfig(CompeteConfig):
     name: str = "allocation"
+    has_video_conditions: ClassVar[bool] = False
     arms: list[str] = dataclasses.field(default_factory=lambda: ["moe"])
     rhos: list[float] = dataclasses.field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.4])
     total_tolerance: float = 0.01  # |P_total(ρ) / P_total(1) − 1| allowed

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from moesaic.analysis.tax import HEADLINE_KEYS
 from moesaic.errors import ConfigError
@@ -56,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclasses.dataclass
 class CapacityConfig(CompeteConfig):
     name: str = "capacity"
+    has_video_conditions: ClassVar[bool] = False
     widths: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])
     ffn_ratio: int = 4  # model.ffn.hidden = ffn_ratio · width
     head_dim: int = 16  # model.heads = width / head_dim

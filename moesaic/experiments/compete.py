@@ -20,6 +20,12 @@ Fair comparison (`study.match`, design.md §5):
   each modality's batch). Its **half-batch controls** — unimodal runs at half the batch and
   twice the steps — measure what more, smaller steps alone do to a unimodal run (the step
   effect), so it is reported rather than argued.
+
+Video conditions (`study.video`, step-matched only): a video-only run (`data.mix =
+study.video_mix`) and two joint runs whose batches stack the unimodal runs' own batches, text +
+video (`data.parts = [text, video]`) and image + video (`[image mix, video]`). Part 0 of text +
+video is the text-only run's batch and part 1 the video-only run's, bit for bit, so each
+modality's tax in these conditions is paired exactly like the text + image joint run's.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from moesaic.config import Config
 from moesaic.errors import ConfigError
@@ -49,6 +55,9 @@ MATCHES = ("steps", "tokens")
 # variant -> which unimodal reference (None: the joint run)
 VARIANTS = ("text", "image", "joint")
 HALF_VARIANTS = ("text_half", "image_half")
+# study.video: the video-only run and the two step-matched joint runs with video
+VIDEO_VARIANTS = ("video", "text_video", "image_video")
+VIDEO_KINDS = ("video", "action_video")
 
 
 @dataclasses.dataclass
@@ -68,6 +77,11 @@ class CompeteConfig(StudyConfig):
     analyze_tokens: str = "last"  # last | all: hidden vectors used for sparsity
     tasks: bool = False  # task scores (captioning, text-to-image, VQA) via evaluate.tasks
     task_examples: int = 200  # held-out examples per task
+    video: bool = False  # add the video-only run and the text + video, image + video runs
+    # video-only data: shares of document tokens of bare clips and action-conditioned clips
+    video_mix: dict[str, float] = dataclasses.field(default_factory=lambda: {"video": 1.0})
+    # experiments built on this one that do not plan or report the video conditions say so
+    has_video_conditions: ClassVar[bool] = True
 
     def validate(self) -> CompeteConfig:
         super().validate()
@@ -94,6 +108,24 @@ class CompeteConfig(StudyConfig):
             )
         if sum(self.image_mix.values()) <= 0:
             raise ConfigError("study.image_mix has no positive weight")
+        bad = [k for k in self.video_mix if k not in VIDEO_KINDS]
+        if bad:
+            raise ConfigError(
+                f"study.video_mix has '{bad[0]}'; the video-only runs use video and "
+                "action_video documents only"
+            )
+        if sum(self.video_mix.values()) <= 0:
+            raise ConfigError("study.video_mix has no positive weight")
+        if self.video and not self.has_video_conditions:
+            raise ConfigError(
+                "study.video=true: this experiment has no video conditions; they belong to the "
+                "tax experiment (moesaic compete --experiment tax)"
+            )
+        if self.video and self.match != "steps":
+            raise ConfigError(
+                f"study.video=true needs study.match=steps (got '{self.match}'): the video "
+                "conditions stack the unimodal runs' batches"
+            )
         if self.analyze_tokens not in ("last", "all"):
             raise ConfigError(f"study.analyze_tokens='{self.analyze_tokens}' must be last or all")
         if self.experts < 2 * self.granularity and any(
@@ -119,12 +151,17 @@ def variant_overrides(
     `match: tokens`.
     """
     common = ["data.caption_loss=false", f"train.seed={seed}", f"data.seed={seed}"]
-    text, image = {"text": 1.0}, dict(study.image_mix)
+    text, image, video = {"text": 1.0}, dict(study.image_mix), dict(study.video_mix)
     steps = f"train.steps={study.steps}"
     if variant == "text":
         return [*common, f"data.mix={_mix(text)}", steps]
     if variant == "image":
         return [*common, f"data.mix={_mix(image)}", steps]
+    if variant == "video":
+        return [*common, f"data.mix={_mix(video)}", steps]
+    if variant in ("text_video", "image_video"):
+        first = text if variant == "text_video" else image
+        return [*common, f"data.parts=[{_mix(first)}, {_mix(video)}]", steps]
     if variant in HALF_VARIANTS:
         cfg = base_config(study)
         half = cfg.data.batch_size // 2
@@ -198,6 +235,7 @@ def plan_tokens(study: CompeteConfig, study_dir: Path, log: Callable) -> dict[st
 # Tasks with a meaning for each variant: the image-only run also learns to generate from
 # captions (the reference for text-to-image); captioning and VQA need both modalities.
 VARIANT_TASKS = {"text": (), "image": ("t2i",), "joint": ("caption", "t2i", "vqa")}
+# The video conditions have no task of their own (their frames have no captions).
 
 
 def task_metrics(run_dir: Path, variant: str, n: int) -> dict[str, float]:
@@ -227,7 +265,8 @@ class Compete:
     presets = PRESETS
 
     def variants(self, study: CompeteConfig) -> tuple[str, ...]:
-        return VARIANTS + (HALF_VARIANTS if study.match == "tokens" else ())
+        half = HALF_VARIANTS if study.match == "tokens" else ()
+        return VARIANTS + half + (VIDEO_VARIANTS if study.video else ())
 
     def plan(self, study: CompeteConfig, study_dir: Path, log: Callable) -> list[RunSpec]:
         """Every run, seed-major (a complete first seed comes first)."""

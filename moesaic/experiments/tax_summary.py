@@ -23,6 +23,7 @@ Sections this adds to summary.json (schema `moesaic-study/1`, experiment "tax"):
     data       {caption_loss: false, image_mix, caption_shift {unigram_js, bigram_js, register}}
     least_tax  {key: arm}
     tax_table  the plain-text table the command prints
+    video      with study.video only: the video conditions (`video_tax.py`)
 
 Stat = {mean, std, se, ci95 [low, high], n, values}; Paired = Stat of the differences plus
 {p_t, p_sign_flip, p_holm, p_sign_flip_holm}. Undefined numbers are null.
@@ -201,6 +202,29 @@ def _caption_shift(study) -> dict[str, Any]:
     return {**shift, "register": cfg.data.caption_register}
 
 
+def metric_cell(
+    m: MetricSpec, by: Mapping, arm: str, seeds: list[int], joint_variant: str
+) -> tuple[dict[str, Any], list[float]] | None:
+    """One (arm, metric) of a joint run against its unimodal run (`m.modality` names that
+    run's variant), per seed: the `TaxCell` dict plus evaluation noise, and the per-seed taxes.
+    None when no seed of the joint run has the metric."""
+    joint = [_value(by.get((arm, joint_variant, s)), m.key) for s in seeds]
+    if all(v is None for v in joint):
+        return None
+    uni = [_value(by.get((arm, m.modality, s)), m.key) for s in seeds] if m.modality else []
+    cell = tax_cell(m, uni, joint)
+    entry = cell.to_dict()
+    if m.modality and not m.key.startswith("tasks/"):
+        runs = [(by.get((arm, m.modality, s)), by.get((arm, joint_variant, s))) for s in seeds]
+        se_u = _mean([_eval_se(u, m.key) for u, _ in runs])
+        se_j = _mean([_eval_se(j, m.key) for _, j in runs])
+        se_d = _mean([_eval_se_delta(u, j, m.key) for u, j in runs])
+        entry["eval_se"] = {"unimodal": se_u, "joint": se_j, "delta": se_d}
+        if se_d is not None and cell.unimodal.mean:
+            entry["eval_se_tax"] = 100 * se_d / cell.unimodal.mean
+    return entry, list(cell.tax.values)
+
+
 def summarize(study, study_dir: Path, results: list[RunResult], log: Callable) -> dict[str, Any]:
     seeds = study.seed_list()
     by = {(r.spec.tag("arm"), r.spec.tag("variant"), r.spec.tag("seed")): r for r in results}
@@ -217,22 +241,10 @@ def summarize(study, study_dir: Path, results: list[RunResult], log: Callable) -
         cells: dict[str, Any] = {}
         taxes[arm] = {}
         for m in metrics:
-            joint = values(arm, "joint", m.key)
-            if all(v is None for v in joint):
+            found = metric_cell(m, by, arm, seeds, "joint")
+            if found is None:
                 continue
-            uni = values(arm, m.modality, m.key) if m.modality else []
-            cell = tax_cell(m, uni, joint)
-            taxes[arm][m.key] = list(cell.tax.values)
-            entry = cell.to_dict()
-            if m.modality and not m.key.startswith("tasks/"):
-                runs = [(by.get((arm, m.modality, s)), by.get((arm, "joint", s))) for s in seeds]
-                se_u = _mean([_eval_se(u, m.key) for u, _ in runs])
-                se_j = _mean([_eval_se(j, m.key) for _, j in runs])
-                se_d = _mean([_eval_se_delta(u, j, m.key) for u, j in runs])
-                entry["eval_se"] = {"unimodal": se_u, "joint": se_j, "delta": se_d}
-                if se_d is not None and cell.unimodal.mean:
-                    entry["eval_se_tax"] = 100 * se_d / cell.unimodal.mean
-            cells[m.key] = entry
+            cells[m.key], taxes[arm][m.key] = found
         flops = {v: (r.summary.get("train_flops") if r else None) for v, r in first.items()}
         flops["study"] = sum(f for f in flops.values() if f)
         joint0 = first["joint"]
@@ -314,6 +326,10 @@ def summarize(study, study_dir: Path, results: list[RunResult], log: Callable) -
         "least_tax": least,
     }
     body["tax_table"] = format_tax_table(body)
+    if getattr(study, "video", False):
+        from moesaic.experiments.video_tax import summarize_video
+
+        body["video"] = summarize_video(study, results)
     return body
 
 
@@ -390,4 +406,8 @@ def console_text(summary: Mapping[str, Any]) -> str:
         f"caption shift (JS, bits): unigram {shift['unigram_js']:.4f}, "
         f"bigram {shift['bigram_js']:.4f}"
     )
+    if summary.get("video"):
+        from moesaic.experiments.video_tax import video_console
+
+        out.append(video_console(summary["video"]))
     return "\n".join(out)

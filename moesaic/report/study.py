@@ -416,6 +416,10 @@ def study_report(summary: Mapping[str, Any], study_dir: Path) -> HtmlReport:
     _values_table(r, summary)
     _noise(r, summary)
     _fairness(r, summary)
+    if summary.get("video"):
+        from moesaic.report.study_video import video_section
+
+        video_section(r, summary)
     curves = _curves(summary)
     if curves:
         r.heading("Loss curves")
