@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,14 @@ def test_a_run_without_checkpoint_or_tokenizer_resumes_from_step_0(trained, tmp_
     assert f"no checkpoint in '{run}' yet: starting it from step 0" in out
     assert f"finished 2 steps in {run}" in out
     assert (run / "tokenizer.json").read_text() == tokenizer
+
+
+def test_a_reader_that_goes_away_is_not_an_error(monkeypatch):
+    """`moesaic info tiny | head -1`: writing to a closed pipe ends the command quietly, rc 0."""
+    import os
+
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    with open(write_fd, "w", buffering=1) as closed:  # line-buffered: each line hits the pipe
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["info", "tiny"]) == 0

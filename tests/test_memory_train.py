@@ -235,7 +235,7 @@ def test_bf16_training_with_memory_is_finite(tmp_path):
 
 def test_info_reports_the_memory(capsys):
     from moesaic.cli import main
-    from moesaic.commands.info import describe
+    from moesaic.model.sizes import config_sizes as describe
 
     args = ["tiny", "model.memory.layers=[1, 2]", "model.memory.table_rows=1009"]
     assert main(["info", *args]) == 0

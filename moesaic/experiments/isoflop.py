@@ -48,6 +48,7 @@ from moesaic.errors import ConfigError
 from moesaic.experiments.arms import get_arm
 from moesaic.experiments.engine import RunResult, RunSpec, base_config, run_name, tokenizer_for
 from moesaic.experiments.study import StudyConfig
+from moesaic.model.sizes import config_sizes
 
 MODALITIES = ("text", "image")
 LOSS_KEYS = {"text": "text/text", "image": "image/image"}
@@ -260,27 +261,8 @@ def budget_label(budget: float) -> str:
 
 
 def model_sizes(cfg: Config) -> dict[str, float]:
-    """Parameters and FLOPs of the model a run config builds, on the meta device (no memory):
-    `params_total`, `params_active`, `params_n` (active non-embedding: the blocks and the
-    final norm, see the module doc), `flops_per_token`, `tokens_per_step`."""
-    import torch
-
-    from moesaic.model import Transformer
-    from moesaic.model.params import inactive_params
-    from moesaic.runconfig import resolve_model_dims
-
-    cfg = resolve_model_dims(cfg, tokenizer_for(cfg).vocab_size)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    inner = sum(p.numel() for p in model.blocks.parameters())
-    inner += sum(p.numel() for p in model.norm.parameters())
-    return {
-        "params_total": model.num_params(active=False),
-        "params_active": model.num_params(active=True),
-        "params_n": inner - inactive_params(model),
-        "flops_per_token": model.flops_per_token(cfg.data.seq_len),
-        "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum,
-    }
+    """`model.sizes.config_sizes` with the vocabulary of the run's tokenizer."""
+    return config_sizes(cfg, tokenizer_for(cfg).vocab_size)
 
 
 def steps_for(budget: float, sizes: dict[str, float]) -> int:
