@@ -323,3 +323,38 @@ def test_real_smoke_study_is_fair_and_complete(smoke):
     cached = json.loads((smoke / "runs" / "dense-text-s0" / "caption_distance.json").read_text())
     assert cached["sources"]["photos"]["kind"] == "folder"
     assert cached["sources"]["shards"]["mix"] == {"caption": 1.0}
+
+
+def _documents(batches):
+    """Token ids of every document of the batches, without bos and eos."""
+    for batch in batches:
+        for b in range(batch.tokens.shape[0]):
+            for d in batch.doc_id[b][batch.doc_kind[b] != DocKind.PAD].unique().tolist():
+                pos = (batch.doc_id[b] == d).nonzero().flatten()
+                yield batch.tokens[b, pos][1:-1].tolist()
+
+
+def test_embedding_distance_is_measured_on_the_registers_captions(smoke, example, monkeypatch):
+    from moesaic.experiments import caption_shift as cs
+
+    seen = []
+
+    def spy(model, batches, bos_id, device):
+        seen.append(batches)
+        return mean_hidden(model, batches, bos_id, device)
+
+    mean_hidden = cs._mean_hidden
+    monkeypatch.setattr(cs, "_mean_hidden", spy)
+    run = smoke / "runs" / "dense-text-s1"
+    st = _study(example)
+    sources = {"photos": real.caption_source(st, "photos", "caption")}
+    got = cs.embedding_distance(run, ["photos"], st.distance_batches, sources)
+    cached = json.loads((run / "caption_distance.json").read_text())
+    assert got["photos"] == cached["distance"]["photos"]  # what the summary reports
+    tok = tokenizer_for(load_config(run / "config.yaml"))
+    rows = (example["photos"] / "captions.jsonl").read_text().splitlines()
+    captions = {tuple(tok.encode(json.loads(line)["caption"])) for line in rows}
+    notes = [tok.encode(p) for p in example["corpus"].read_text().strip().split("\n\n")]
+    text_docs, caption_docs = (list(_documents(b)) for b in seen)
+    assert caption_docs and all(tuple(d) in captions for d in caption_docs)
+    assert text_docs and all(any(n[: len(d)] == d for n in notes) for d in text_docs)
