@@ -316,9 +316,9 @@ def test_invalid_study_fields_stop_with_one_line(override, fragment, capsys):
     assert err.count("\n") == 1 and fragment in err
 
 
-def test_real_data_needs_multi_source_runs(tmp_path, capsys):
+def test_the_base_config_leaves_the_data_to_the_study(tmp_path, capsys):
     st = study("data.source=text", f"data.paths=[{tmp_path}]")
-    with pytest.raises(ConfigError, match="needs multi-source runs"):
+    with pytest.raises(ConfigError, match="study.text_source=.* and study.caption_sources="):
         EXPERIMENT.plan(st, tmp_path, print)
     args = ["compete", "--experiment", "caption-shift", "--preset", "smoke"]
     assert main([*args, "data.source=digits", "--out", str(tmp_path)]) == 2

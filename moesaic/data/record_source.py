@@ -33,6 +33,11 @@ from moesaic.errors import DataError
 from moesaic.files import cache_dir
 
 IMAGE_KINDS = ("caption_image", "image_caption", "image")
+# What an image–caption reader provides: the image kinds and the caption alone as plain text
+# (`caption`: bos caption eos). A caption document is drawn from the same record as every
+# other kind (the same image is loaded too), so a record is good or bad as a whole and
+# caption document g is image_caption document g's caption.
+PAIR_KINDS = (*IMAGE_KINDS, "caption")
 WARN_PER_REASON = 5
 VAL_FRACTION = 0.05
 CHARS_PER_TOKEN = 32  # a document keeps at most data.seq_len × this many characters
@@ -50,7 +55,7 @@ class Skip(Exception):  # noqa: N818 (control flow inside the readers, never esc
 class RecordSource:
     """Base: a list of record references, split by key hash, drawn in per-epoch permutations."""
 
-    kinds: tuple[str, ...] = IMAGE_KINDS
+    kinds: tuple[str, ...] = PAIR_KINDS
 
     def __init__(self, cfg: DataConfig, split: str, label: str = ""):
         self._setup(cfg, split, label)

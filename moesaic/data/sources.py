@@ -17,6 +17,12 @@
     clips       folders of clips stored as frame images, with optional action files: the
                 `video` and `action_video` kinds (`moesaic.data.clips`, docs/video.md)
 
+Kinds. The image–caption readers (folder, webdataset, digits, hf with an image column) provide
+`caption_image`, `image_caption`, `image` and `caption` — the caption alone as plain text
+(bos caption eos, every caption token a text target, no image positions), drawn from the same
+record as the other kinds, so a record whose image is bad is skipped for its caption too. The
+text reader (and hf without an image column) provides `text`.
+
 Images are decoded by one rule for every reader and for `sample --image`
 (`moesaic.data.images`: known formats only, a pixel cap, EXIF orientation, every mode and bit
 depth, centre crop, resize, [-1, 1]). Text is read by `moesaic.data.reading` (byte-order marks,
@@ -72,9 +78,9 @@ from moesaic.data.reading import (
 )
 from moesaic.data.record_source import (
     CHARS_PER_TOKEN,
-    IMAGE_KINDS,
     JSON_ERRORS,
     MAX_LINE_CHARS,
+    PAIR_KINDS,
     RecordSource,
     Skip,
     json_field,
@@ -102,10 +108,10 @@ def source_kinds(cfg: DataConfig) -> tuple[str, ...]:
     if cfg.source == "text":
         return ("text",)
     if cfg.source == "hf":
-        return (*IMAGE_KINDS, "text")
+        return (*PAIR_KINDS, "text")
     if cfg.source == "clips":
         return ("video", "action_video")
-    return IMAGE_KINDS
+    return PAIR_KINDS
 
 
 def saw_images(cfg: DataConfig) -> bool:
@@ -321,7 +327,7 @@ class HFSource(RecordSource):
         self.text_col = next((c for c in ("caption", "text") if c in cols), None)
         if self.text_col is None:
             raise DataError(f"'{paths[0]}' has no 'caption' or 'text' column ({sorted(cols)})")
-        self.kinds = IMAGE_KINDS if self.image_col else ("text",)
+        self.kinds = PAIR_KINDS if self.image_col else ("text",)
         if self.image_col and isinstance(ds.features[self.image_col], datasets.Image):
             # Raw bytes, decoded by the one rule here (datasets would decode any size itself).
             ds = ds.cast_column(self.image_col, datasets.Image(decode=False))

@@ -197,13 +197,19 @@ def training_corpus(cfg: DataConfig) -> list[str]:
     return source_corpus(cfg)
 
 
+def cached_tokenizer_path(cfg: DataConfig, cache_dir: str | Path) -> Path:
+    """Where `load_tokenizer` keeps the tokenizer it trains for `cfg` (`data.tokenizer` unset)."""
+    key = tokenizer_key(cfg)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "tokenizers" / digest / "tokenizer.json"
+
+
 def load_tokenizer(cfg: DataConfig, cache_dir: str | Path) -> Tokenizer:
     """Load `data.tokenizer`, or train one on the source's text (cached; see module doc)."""
     if cfg.tokenizer:
         return Tokenizer.from_file(cfg.tokenizer)
     key = tokenizer_key(cfg)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "tokenizers" / digest / "tokenizer.json"
+    path = cached_tokenizer_path(cfg, cache_dir)
     if path.is_file():
         try:
             return Tokenizer(HFTokenizer.from_file(str(path)))

@@ -29,6 +29,11 @@ embedding distance 1 − cos(mean h_caption, mean h_text), h the last block's ou
 non-padding position but `bos`, measured with each arm's **T model**: a ruler untouched by any
 caption, the same for every register within an arm and seed, so distances differ only by the
 captions (the T+C_r model would be shaped by the very captions it measures).
+
+Data. By default the built-in world, whose caption registers are generated from the same
+scenes. On real data (`study.text_source`, `study.caption_sources`, `caption_sources.py`) T's
+general text comes from a text source and each register is an image–caption source; bare
+images for T+I come from one of them (`study.image_source`).
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moesaic.config import CAPTION_REGISTERS
+from moesaic.config import CAPTION_REGISTERS, SourceConfig
 from moesaic.errors import ConfigError, did_you_mean
+from moesaic.experiments import caption_sources as real
 from moesaic.experiments.arms import get_arm
-from moesaic.experiments.engine import RunResult, RunSpec, base_config, run_name
+from moesaic.experiments.engine import RunResult, RunSpec, base_config, run_name, tokenizer_for
 from moesaic.experiments.study import StudyConfig
 from moesaic.files import atomic_write_text
 
@@ -186,9 +192,20 @@ class CaptionShiftConfig(StudyConfig):
     margin: float = 0.5  # % of text CE: "no harm" / "about equal" means within this margin
     shift_docs: int = 500  # captions and general-text documents per register for the JS shift
     distance_batches: int = 4  # batches of captions / general text for the embedding distance
+    # real data (caption_sources.py); all unset: the built-in world
+    text_source: SourceConfig = dataclasses.field(default_factory=SourceConfig)  # T's text
+    caption_sources: dict[str, SourceConfig] = dataclasses.field(default_factory=dict)  # r: src
+    image_source: str = ""  # the caption source of T+I's bare images ("" = the first)
 
     def validate(self) -> CaptionShiftConfig:
         super().validate()
+        if real.uses_real_data(self):
+            self.registers = real.real_registers(self)
+        elif self.image_source:
+            raise ConfigError(
+                f"study.image_source='{self.image_source}' names a caption source, but "
+                "study.caption_sources is empty; set both or neither"
+            )
         for key in ("steps", "experts", "granularity", "shift_docs", "distance_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"study.{key}={getattr(self, key)} must be >= 1")
@@ -203,7 +220,7 @@ class CaptionShiftConfig(StudyConfig):
                 raise ConfigError(f"study.lr names arm '{arm}', which is not in study.arms")
         for field, items, choices in (
             ("arms", self.arms, None),
-            ("registers", self.registers, CAPTION_REGISTERS),
+            ("registers", self.registers, None if real.uses_real_data(self) else CAPTION_REGISTERS),
             ("conditions", self.conditions, tuple(CONDITIONS)),
         ):
             for item in items:
@@ -238,29 +255,39 @@ def condition_overrides(
     """Data and step overrides of one run (the arm's model overrides come separately)."""
     common = [f"train.seed={seed}", f"data.seed={seed}", f"train.steps={study.steps}"]
     text = {"text": 1.0}
-    if condition == REFERENCE:
+    cond = None if condition == REFERENCE else CONDITIONS[condition]
+    if real.uses_real_data(study):
+        kind = source = None
+        if cond is not None:
+            kind = cond.key
+            source = register if cond.per_register else real.image_source_name(study)
+        common += real.run_data_overrides(study, base_config(study), kind, source)
+    if cond is None:
         return [*common, "data.caption_loss=false", f"data.mix={_mix(text)}", "data.parts=[]"]
-    cond = CONDITIONS[condition]
     caption_loss = study.caption_loss if condition == "caption_image" else False
     out = [
         *common,
         f"data.caption_loss={str(caption_loss).lower()}",
         f"data.parts=[{_mix(text)}, {_mix({cond.key: 1.0})}]",
     ]
-    if cond.per_register:
+    if cond.per_register and not real.uses_real_data(study):
         out.append(f"data.caption_register={register}")
     return out
 
 
 def check_source(study: CaptionShiftConfig) -> None:
-    """The built-in world is the only source that gives general text and captions to one run."""
-    source = base_config(study).data.source
-    if source != "world":
+    """The study chooses every run's data: the base config must leave it at the world default.
+    On real data, every source is opened once to check it gives what its role needs."""
+    data = base_config(study).data
+    if not data.world_only:
+        given = f"data.source='{data.source}'" if not data.sources else "data.sources"
         raise ConfigError(
-            f"data.source='{source}': a caption-shift study needs general text and "
-            "image–caption data from different sources in one run, which needs multi-source "
-            "runs (not available yet); use data.source=world"
+            f"{given}: a caption-shift study sets each run's data itself; give real data as "
+            "study.text_source={kind: text, paths: [...]} and study.caption_sources="
+            "{REGISTER: {kind: folder, paths: [...]}} (docs/study-caption-shift.md)"
         )
+    if real.uses_real_data(study):
+        real.check_sources(study, base_config(study))
 
 
 def planned_flops(study: CaptionShiftConfig) -> dict[str, float]:
@@ -305,6 +332,16 @@ def js_shift(cfg: Any, tok: Any, registers: list[str], n_docs: int, seed: int) -
     return out
 
 
+def seed_shift(study: CaptionShiftConfig, seed: int) -> dict:
+    """{register: {unigram_js, bigram_js}} of one seed: the world's (`js_shift`, the seed's
+    tokenizer), or on real data the sources' (the study's one tokenizer; the same every seed)."""
+    if real.uses_real_data(study):
+        cfg = base_config(study, condition_overrides(study, REFERENCE, None, seed))
+        return real.real_js_shift(study, base_config(study), tokenizer_for(cfg), study.shift_docs)
+    cfg = base_config(study, [f"data.seed={seed}"])
+    return js_shift(cfg.data, tokenizer_for(cfg), study.registers, study.shift_docs, seed)
+
+
 def _mean_hidden(model: Any, batches: list, bos_id: int, device: Any) -> Any:
     """Mean of the last block's output [D] over every non-padding position except bos."""
     import torch
@@ -322,48 +359,72 @@ def _mean_hidden(model: Any, batches: list, bos_id: int, device: Any) -> Any:
     return (total / max(count, 1)).cpu() if total is not None else torch.zeros(0)
 
 
-def embedding_distance(run_dir: Path, registers: list[str], n_batches: int) -> dict[str, float]:
+def embedding_distance(
+    run_dir: Path,
+    registers: list[str],
+    n_batches: int,
+    sources: dict[str, SourceConfig] | None = None,
+) -> dict[str, float]:
     """1 − cos(mean h over captions of `register`, mean h over general text) per register,
-    with the run's model (validation split; the same scenes in every register)."""
+    with the run's model (validation split). The general text is the run's own (a T run
+    draws only general text); the captions are the world's in that register (the same scenes
+    in every register) or, with `sources` ({register: caption source}), that source's."""
     import dataclasses as dc
 
     import torch
 
-    from moesaic.data import Stream, WorldSource, make_source
+    from moesaic.data import Stream, WorldSource, open_sources
     from moesaic.data.packing import DocOptions
     from moesaic.train.runs import load_run
 
     run = load_run(run_dir, "auto")
     cfg, tok = run.cfg, run.tokenizer
     opts = DocOptions(caption_loss=True, caption_dropout=0.0, salt=DISTANCE_SALT)
+    data = dc.replace(cfg.data, parts=[])
 
     def batches(source: Any, kind: str) -> list:
-        data = dc.replace(cfg.data, parts=[])
         stream = Stream(data, tok, source, "val", mix={kind: 1.0}, opts=opts, seed=cfg.eval.seed)
         return [next(stream) for _ in range(n_batches)]
 
+    def captions(register: str) -> Any:
+        if sources is None:
+            return WorldSource("val", register, cfg.data.image_size)
+        return open_sources(dc.replace(data, sources=[sources[register]]), "val")
+
     out = {}
     with torch.no_grad(), run.autocast():
-        text_D = _mean_hidden(run.model, batches(make_source(cfg.data, "val"), "text"),
+        text_D = _mean_hidden(run.model, batches(open_sources(data, "val"), "text"),
                               tok.bos_id, run.device)  # fmt: skip
         for register in registers:
-            world = WorldSource("val", register, cfg.data.image_size)
-            cap_D = _mean_hidden(run.model, batches(world, "caption"), tok.bos_id, run.device)
+            cap_batches = batches(captions(register), "caption")
+            cap_D = _mean_hidden(run.model, cap_batches, tok.bos_id, run.device)
             cos = torch.nn.functional.cosine_similarity(cap_D, text_D, dim=0)
             out[register] = float(1.0 - cos)
     return out
 
 
-def cached_distance(run_dir: Path, registers: list[str], n_batches: int) -> dict[str, float]:
-    """`embedding_distance`, cached in the run's caption_distance.json (per step and size)."""
+def cached_distance(
+    run_dir: Path,
+    registers: list[str],
+    n_batches: int,
+    sources: dict[str, SourceConfig] | None = None,
+) -> dict[str, float]:
+    """`embedding_distance`, cached in the run's caption_distance.json (per step and size, and
+    per register the caption source it was measured on)."""
     path = Path(run_dir) / DISTANCE_FILE
     step = json.loads((Path(run_dir) / "summary.json").read_text()).get("step")
     cached = json.loads(path.read_text()) if path.is_file() else {}
     if cached.get("step") != step or cached.get("batches") != n_batches:
         cached = {"step": step, "batches": n_batches, "distance": {}}
-    missing = [r for r in registers if r not in cached["distance"]]
+    measured_on = {r: dataclasses.asdict(s) for r, s in (sources or {}).items()}
+    on = cached.get("sources", {})
+    missing = [
+        r for r in registers if r not in cached["distance"] or on.get(r) != measured_on.get(r)
+    ]
     if missing:
-        cached["distance"] |= embedding_distance(run_dir, missing, n_batches)
+        cached["distance"] |= embedding_distance(run_dir, missing, n_batches, sources)
+        if measured_on:
+            cached["sources"] = on | {r: measured_on[r] for r in missing}
         atomic_write_text(path, json.dumps(cached, indent=1))
     return {r: cached["distance"][r] for r in registers}
 
@@ -404,7 +465,11 @@ class CaptionShift:
     def after_run(self, study: CaptionShiftConfig, spec: RunSpec, run_dir: Path) -> dict:
         if spec.tag("condition") != REFERENCE or not study.registers:
             return {}
-        return {"distance": cached_distance(run_dir, study.registers, study.distance_batches)}
+        sources = None
+        if real.uses_real_data(study):
+            sources = {r: real.caption_source(study, r, "caption") for r in study.registers}
+        distance = cached_distance(run_dir, study.registers, study.distance_batches, sources)
+        return {"distance": distance}
 
     def summarize(
         self, study: CaptionShiftConfig, study_dir: Path, results: list[RunResult], log: Callable

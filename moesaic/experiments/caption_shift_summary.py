@@ -46,7 +46,7 @@ from moesaic.experiments.caption_shift import (
     REFERENCE,
     CaptionShiftConfig,
     condition_overrides,
-    js_shift,
+    seed_shift,
 )
 from moesaic.experiments.engine import RunResult, base_config, tokenizer_for
 
@@ -141,9 +141,7 @@ def _shift(study: CaptionShiftConfig, by: Mapping, log: Callable) -> tuple[dict,
     }
     for seed in seeds:
         log(f"caption shift of seed {seed}")
-        cfg = base_config(study, [f"data.seed={seed}"])
-        measured = js_shift(cfg.data, tokenizer_for(cfg), study.registers, study.shift_docs, seed)
-        for r, m in measured.items():
+        for r, m in seed_shift(study, seed).items():
             for key in ("unigram_js", "bigram_js"):
                 js[r][key].append(m[key])
     xs: dict[str, dict[str, dict[str, list]]] = {}
