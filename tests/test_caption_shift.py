@@ -21,14 +21,14 @@ from moesaic.data.packing import DocFactory, DocOptions
 from moesaic.data.world.generators import GENERATORS, WorldSource
 from moesaic.errors import ConfigError
 from moesaic.experiments import caption_shift_verdicts as verdicts
-from moesaic.experiments.caption_shift import (
-    EXPERIMENT,
+from moesaic.experiments.caption_shift import EXPERIMENT
+from moesaic.experiments.caption_shift_summary import fit_line
+from moesaic.experiments.caption_study import (
     PRESETS,
     CaptionShiftConfig,
     _mean_hidden,
     condition_overrides,
 )
-from moesaic.experiments.caption_shift_summary import fit_line
 from moesaic.experiments.engine import EXPERIMENTS, base_config, tokenizer_for
 from moesaic.experiments.study import load_study
 from moesaic.files import cache_dir

@@ -24,8 +24,8 @@ from moesaic.data.shift import caption_shift
 from moesaic.data.tokenizer import cached_tokenizer_path
 from moesaic.errors import ConfigError
 from moesaic.experiments import caption_sources as real
-from moesaic.experiments.caption_shift import (
-    EXPERIMENT,
+from moesaic.experiments.caption_shift import EXPERIMENT
+from moesaic.experiments.caption_study import (
     PRESETS,
     CaptionShiftConfig,
     condition_overrides,
@@ -335,7 +335,7 @@ def _documents(batches):
 
 
 def test_embedding_distance_is_measured_on_the_registers_captions(smoke, example, monkeypatch):
-    from moesaic.experiments import caption_shift as cs
+    from moesaic.experiments import caption_study as cs
 
     seen = []
 

@@ -207,7 +207,7 @@ def _by(results):
 
 
 def test_report_shows_the_video_conditions(video_study):
-    from moesaic.report.study import interval
+    from moesaic.report.cells import interval
 
     html = (video_study / "report.html").read_text()
     assert "Video conditions: text + video and image + video" in html

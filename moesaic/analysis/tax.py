@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from moesaic.analysis.stats import Stat
@@ -123,3 +123,13 @@ def tax_cell(
     taxes = [modality_tax(jj, uu, metric.higher_is_better) for uu, jj in zip(u, j, strict=True)]
     deltas = [jj - uu for uu, jj in zip(u, j, strict=True)]
     return TaxCell(metric, Stat.of(u), Stat.of(j), Stat.of(taxes), Stat.of(deltas))
+
+
+def tax_verdict(tax: Mapping[str, Any] | None) -> str:
+    """competition / synergy / no tax detectable, from the 95 % interval of a tax Stat."""
+    if not tax or tax.get("mean") is None:
+        return "no value"
+    low, high = tax.get("ci95") or (None, None)
+    if low is None or high is None:
+        return "one seed, no interval"
+    return "competition" if low > 0 else "synergy" if high < 0 else "no tax detectable"

@@ -41,7 +41,7 @@ from moesaic.analysis.stats import Paired, Stat, format_interval, paired, with_h
 from moesaic.analysis.tax import MetricSpec, tax_cell
 from moesaic.evaluate.losses import eval_noise
 from moesaic.experiments.arms import get_arm
-from moesaic.experiments.caption_shift import (
+from moesaic.experiments.caption_study import (
     CONDITIONS,
     REFERENCE,
     CaptionShiftConfig,
@@ -319,6 +319,8 @@ def summarize(study: CaptionShiftConfig, results: list[RunResult], log: Callable
         noise[m.key] = {"eval_se_tax": eval_se, "seed_sd_tax": seed_sd, "ratio": ratio}
     body: dict[str, Any] = {
         "metrics": {m.key: m.to_dict() for m in METRICS},
+        "primary_metric": PRIMARY_METRIC,
+        "shift_labels": dict(SHIFT_KEYS),
         "conditions": {
             k: {"label": c.label, "description": c.description, "per_register": c.per_register}
             for k, c in CONDITIONS.items()

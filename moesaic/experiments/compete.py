@@ -299,8 +299,12 @@ class Compete:
         self, study: CompeteConfig, study_dir: Path, results: list[RunResult], log: Callable
     ) -> dict[str, Any]:
         from moesaic.experiments.tax_summary import summarize
+        from moesaic.experiments.video_tax import summarize_video
 
-        return summarize(study, study_dir, results, log)
+        body = summarize(study, study_dir, results, log)
+        if study.video:
+            body["video"] = summarize_video(study, results)
+        return body
 
     def report(self, summary: dict[str, Any], study_dir: Path) -> Any:
         from moesaic.report.study import study_report
@@ -309,8 +313,10 @@ class Compete:
 
     def console(self, summary: dict[str, Any]) -> str:
         from moesaic.experiments.tax_summary import console_text
+        from moesaic.experiments.video_tax import video_console
 
-        return console_text(summary)
+        text = console_text(summary)
+        return f"{text}\n{video_console(summary['video'])}" if summary.get("video") else text
 
 
 EXPERIMENT = Compete()

@@ -23,7 +23,8 @@ Sections this adds to summary.json (schema `moesaic-study/1`, experiment "tax"):
     data       {caption_loss: false, image_mix, caption_shift {unigram_js, bigram_js, register}}
     least_tax  {key: arm}
     tax_table  the plain-text table the command prints
-    video      with study.video only: the video conditions (`video_tax.py`)
+    video      with study.video only: the video conditions (`video_tax.py`, added by
+               `compete.py`)
 
 Stat = {mean, std, se, ci95 [low, high], n, values}; Paired = Stat of the differences plus
 {p_t, p_sign_flip, p_holm, p_sign_flip_holm}. Undefined numbers are null.
@@ -326,10 +327,6 @@ def summarize(study, study_dir: Path, results: list[RunResult], log: Callable) -
         "least_tax": least,
     }
     body["tax_table"] = format_tax_table(body)
-    if getattr(study, "video", False):
-        from moesaic.experiments.video_tax import summarize_video
-
-        body["video"] = summarize_video(study, results)
     return body
 
 
@@ -406,8 +403,4 @@ def console_text(summary: Mapping[str, Any]) -> str:
         f"caption shift (JS, bits): unigram {shift['unigram_js']:.4f}, "
         f"bigram {shift['bigram_js']:.4f}"
     )
-    if summary.get("video"):
-        from moesaic.experiments.video_tax import video_console
-
-        out.append(video_console(summary["video"]))
     return "\n".join(out)

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from moesaic.analysis.stats import Paired, paired, with_holm
-from moesaic.analysis.tax import LOSS_METRICS, MetricSpec
+from moesaic.analysis.tax import LOSS_METRICS, MetricSpec, tax_verdict
 from moesaic.experiments.engine import RunResult
 from moesaic.experiments.tax_summary import _cell, _num, metric_cell
 
@@ -57,16 +57,6 @@ def condition_metrics(condition: str) -> tuple[MetricSpec, ...]:
     mods = CONDITIONS[condition][1]
     own = tuple(m for m in LOSS_METRICS if m.modality in mods and m.headline)
     return own + (VIDEO_METRICS if "video" in mods else ())
-
-
-def verdict(tax: Mapping[str, Any] | None) -> str:
-    """competition / synergy / no tax detectable, from the 95 % interval of a tax Stat."""
-    if not tax or tax.get("mean") is None:
-        return "no value"
-    low, high = tax.get("ci95") or (None, None)
-    if low is None or high is None:
-        return "one seed, no interval"
-    return "competition" if low > 0 else "synergy" if high < 0 else "no tax detectable"
 
 
 def _tokens_per_step(result: RunResult, kinds: set[str]) -> float:
@@ -207,7 +197,7 @@ def video_console(video: Mapping[str, Any]) -> str:
                 )
             out.append(f"  {arm:<24} " + "; ".join(cells))
     text_tax = {
-        arm: verdict((a["conditions"]["text_video"].get("text/text") or {}).get("tax"))
+        arm: tax_verdict((a["conditions"]["text_video"].get("text/text") or {}).get("tax"))
         for arm, a in video["arms"].items()
     }
     out.append("text tax in text + video: " + ", ".join(f"{a} {w}" for a, w in text_tax.items()))

@@ -8,8 +8,9 @@ from typing import Any
 import yaml
 
 from moesaic.report import plots
+from moesaic.report.cells import count, interval
 from moesaic.report.html import HtmlReport
-from moesaic.report.study import count, interval, verdicts
+from moesaic.report.study import verdicts
 
 
 def _num(v: float | None) -> str:

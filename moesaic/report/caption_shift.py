@@ -9,8 +9,8 @@ import yaml
 
 from moesaic.jsonsafe import as_float
 from moesaic.report import plots
+from moesaic.report.cells import count, interval, num, p_value
 from moesaic.report.html import HtmlReport
-from moesaic.report.study import count, interval, num, p_value
 
 NO_REGISTER = "-"
 
@@ -125,8 +125,7 @@ def _tax_table(r: HtmlReport, summary: Mapping[str, Any]) -> None:
 def _shift(r: HtmlReport, summary: Mapping[str, Any]) -> None:
     if not summary["shift"]:
         return
-    from moesaic.experiments.caption_shift_summary import PRIMARY_METRIC, SHIFT_KEYS
-
+    primary, shift_labels = summary["primary_metric"], summary["shift_labels"]
     r.heading("Caption shift and the text tax")
     arms = list(summary["arms"])
     rows = [
@@ -145,11 +144,11 @@ def _shift(r: HtmlReport, summary: Mapping[str, Any]) -> None:
     )
     for key in ("unigram_js", "embedding"):
         for metric in summary["metrics"]:
-            if key == "embedding" and metric != PRIMARY_METRIC:
+            if key == "embedding" and metric != primary:
                 continue
             r.figure(
-                shift_scatter(summary, key, SHIFT_KEYS[key], metric),
-                f"{summary['metrics'][metric]['label']} tax against {SHIFT_KEYS[key]}: one point "
+                shift_scatter(summary, key, shift_labels[key], metric),
+                f"{summary['metrics'][metric]['label']} tax against {shift_labels[key]}: one point "
                 "per register and seed, the least-squares line with its 95 % confidence band.",
             )
     rows = []
@@ -158,7 +157,7 @@ def _shift(r: HtmlReport, summary: Mapping[str, Any]) -> None:
             for metric, fits in per_metric.items():
                 for key, fit in fits.items():
                     head = [arm, summary["conditions"][cond]["label"],
-                            summary["metrics"][metric]["label"], SHIFT_KEYS[key]]  # fmt: skip
+                            summary["metrics"][metric]["label"], shift_labels[key]]  # fmt: skip
                     if "slope" not in fit:
                         rows.append(head + [fit["reason"], "", "", "", str(fit["n"]), ""])
                         continue

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 
 from moesaic.report import plots
+from moesaic.report.cells import count, interval, p_value
 from moesaic.report.html import HtmlReport
-from moesaic.report.study import count, interval, p_value
 
 VARIANT_LABELS = {"text": "text-only runs", "image": "image-only runs"}
 SHAPE_HEADER = [

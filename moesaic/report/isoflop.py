@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from moesaic.analysis.scaling import parabola_value
 from moesaic.analysis.stats import format_interval
 from moesaic.report import plots
+from moesaic.report.cells import count
 from moesaic.report.html import HtmlReport
-from moesaic.report.study import count
 
 plt = plots.plt
 

@@ -12,39 +12,11 @@ from typing import Any
 import yaml
 
 from moesaic.analysis.specialization import specialization_matrix
-from moesaic.analysis.stats import format_interval
 from moesaic.analysis.tax import HEADLINE_KEYS
 from moesaic.jsonsafe import as_float
 from moesaic.report import plots
+from moesaic.report.cells import count, interval, num, p_value
 from moesaic.report.html import HtmlReport
-
-
-def num(v: Any, digits: int = 4) -> str:
-    x = as_float(v)
-    return f"{x:.{digits}f}" if math.isfinite(x) else "—"
-
-
-def count(v: Any) -> str:
-    x = as_float(v)
-    if not math.isfinite(x):
-        return "—"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def interval(s: Mapping[str, Any] | None, digits: int = 4, unit: str = "", signed=False) -> str:
-    """`mean [low, high]` of a summary Stat ("—" if missing)."""
-    if not s:
-        return "—"
-    low, high = s.get("ci95") or (None, None)
-    return format_interval(s.get("mean"), low, high, digits, unit, signed)
-
-
-def p_value(p: Any) -> str:
-    x = as_float(p)
-    return "—" if not math.isfinite(x) else ("< 0.001" if x < 0.001 else f"{x:.3f}")
 
 
 def _tax(arm: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:

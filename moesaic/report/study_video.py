@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moesaic.experiments.video_tax import verdict
+from moesaic.analysis.tax import tax_verdict
 from moesaic.report import plots
+from moesaic.report.cells import interval, num, p_value
 from moesaic.report.html import HtmlReport
-from moesaic.report.study import interval, num, p_value
 
 
 def _verdicts(video: Mapping[str, Any]) -> list[str]:
@@ -19,7 +19,7 @@ def _verdicts(video: Mapping[str, Any]) -> list[str]:
     for cond, c in video["conditions"].items():
         for key in c["metrics"]:
             parts = [
-                f"{arm} {interval(cell['tax'], 2, '%', True)} ({verdict(cell['tax'])})"
+                f"{arm} {interval(cell['tax'], 2, '%', True)} ({tax_verdict(cell['tax'])})"
                 for arm, a in video["arms"].items()
                 if (cell := a["conditions"][cond].get(key)) and cell.get("tax")
             ]
