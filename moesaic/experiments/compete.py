@@ -151,17 +151,17 @@ def variant_overrides(
     `match: tokens`.
     """
     common = ["data.caption_loss=false", f"train.seed={seed}", f"data.seed={seed}"]
-    text, image, video = {"text": 1.0}, dict(study.image_mix), dict(study.video_mix)
+    text, image = {"text": 1.0}, dict(study.image_mix)
     steps = f"train.steps={study.steps}"
     if variant == "text":
         return [*common, f"data.mix={_mix(text)}", steps]
     if variant == "image":
         return [*common, f"data.mix={_mix(image)}", steps]
-    if variant == "video":
-        return [*common, f"data.mix={_mix(video)}", steps]
+    if variant == "video":  # the video variants exist only in studies with `video_mix`
+        return [*common, f"data.mix={_mix(study.video_mix)}", steps]
     if variant in ("text_video", "image_video"):
         first = text if variant == "text_video" else image
-        return [*common, f"data.parts=[{_mix(first)}, {_mix(video)}]", steps]
+        return [*common, f"data.parts=[{_mix(first)}, {_mix(study.video_mix)}]", steps]
     if variant in HALF_VARIANTS:
         cfg = base_config(study)
         half = cfg.data.batch_size // 2
