@@ -16,6 +16,7 @@ from moesaic.config import CAPTION_REGISTERS, SourceConfig
 from moesaic.errors import ConfigError, did_you_mean
 from moesaic.experiments import caption_sources as real
 from moesaic.experiments.arms import get_arm
+from moesaic.experiments.compete_presets import PRESETS as TAX_PRESETS
 from moesaic.experiments.engine import base_config, tokenizer_for
 from moesaic.experiments.study import StudyConfig
 from moesaic.files import atomic_write_text
@@ -93,27 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "name": "caption-shift-quick",
         "base": "tiny",
-        "overrides": [
-            "model.dim=32",
-            "model.layers=4",
-            "model.heads=2",
-            "model.ffn.hidden=128",
-            "model.ffn.z_loss=1e-4",
-            "data.seq_len=128",
-            "data.batch_size=8",
-            "data.vocab_size=1024",
-            "data.knowledge.entities=100",
-            "data.knowledge.share=0.5",
-            "data.max_objects=6",
-            "train.lr=3e-3",
-            "train.warmup=30",
-            "train.threads=1",
-            "train.checkpoint_every=100",
-            "eval.every=0",
-            "eval.batches=8",
-            "logging.every=10",
-            "logging.progress=none",
-        ],
+        "overrides": list(TAX_PRESETS["quick"]["overrides"]),
         "arms": ["dense", "moe"],
         "registers": ["terse", "plain", "natural"],
         "conditions": ["image", "caption", "image_caption"],
