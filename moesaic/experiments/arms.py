@@ -95,3 +95,23 @@ def parse_arms(text: str) -> list[str]:
     for n in names:
         get_arm(n)
     return list(dict.fromkeys(names))
+
+
+def check_arms(arms: list[str], lr: dict[str, float] | None = None) -> None:
+    """A study's `arms` (at least one, each known) and per-arm `lr` (only for those arms)."""
+    if not arms:
+        raise ConfigError("study.arms is empty; name at least one arm, e.g. [dense, moe]")
+    for arm in arms:
+        get_arm(arm)
+    for arm in lr or {}:
+        if arm not in arms:
+            raise ConfigError(f"study.lr names arm '{arm}', which is not in study.arms")
+
+
+def check_routing_choice(experts: int, granularity: int, arms: list[str]) -> None:
+    """The MoE arms with E experts need E >= 2G, or routing has nothing to choose."""
+    if experts < 2 * granularity and any(get_arm(a).experts == "E" for a in arms):
+        raise ConfigError(
+            f"study.experts={experts} must be >= 2 x granularity ({granularity}) "
+            "so that routing has a choice"
+        )

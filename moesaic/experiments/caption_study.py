@@ -15,7 +15,7 @@ from typing import Any
 from moesaic.config import CAPTION_REGISTERS, SourceConfig
 from moesaic.errors import ConfigError, did_you_mean
 from moesaic.experiments import caption_sources as real
-from moesaic.experiments.arms import get_arm
+from moesaic.experiments.arms import check_arms, check_routing_choice
 from moesaic.experiments.compete_presets import PRESETS as TAX_PRESETS
 from moesaic.experiments.engine import base_config, tokenizer_for
 from moesaic.experiments.study import StudyConfig
@@ -159,13 +159,7 @@ class CaptionShiftConfig(StudyConfig):
                 raise ConfigError(f"study.{key}={getattr(self, key)} must be >= 1")
         if not self.margin > 0:
             raise ConfigError(f"study.margin={self.margin} must be > 0 (percent of text CE)")
-        if not self.arms:
-            raise ConfigError("study.arms is empty; name at least one arm, e.g. [dense, moe]")
-        for arm in self.arms:
-            get_arm(arm)
-        for arm in self.lr:
-            if arm not in self.arms:
-                raise ConfigError(f"study.lr names arm '{arm}', which is not in study.arms")
+        check_arms(self.arms, self.lr)
         for field, items, choices in (
             ("arms", self.arms, None),
             ("registers", self.registers, None if real.uses_real_data(self) else CAPTION_REGISTERS),
@@ -183,13 +177,7 @@ class CaptionShiftConfig(StudyConfig):
             raise ConfigError("study.conditions is empty; e.g. [image, caption, image_caption]")
         if not self.registers and any(CONDITIONS[c].per_register for c in self.conditions):
             raise ConfigError("study.registers is empty; name the caption registers to compare")
-        if self.experts < 2 * self.granularity and any(
-            get_arm(a).experts == "E" for a in self.arms
-        ):
-            raise ConfigError(
-                f"study.experts={self.experts} must be >= 2 x granularity ({self.granularity}) "
-                "so that routing has a choice"
-            )
+        check_routing_choice(self.experts, self.granularity, self.arms)
         return self
 
 

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 from moesaic.config import Config
 from moesaic.errors import ConfigError
-from moesaic.experiments.arms import DEFAULT_ARMS, get_arm
+from moesaic.experiments.arms import DEFAULT_ARMS, check_arms, check_routing_choice, get_arm
 from moesaic.experiments.compete_presets import PRESETS
 from moesaic.experiments.engine import (
     RunResult,
@@ -93,13 +93,7 @@ class CompeteConfig(StudyConfig):
         for key in ("steps", "experts", "granularity", "task_examples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"study.{key}={getattr(self, key)} must be >= 1")
-        if not self.arms:
-            raise ConfigError("study.arms is empty; name at least one arm, e.g. [dense, moe]")
-        for arm in self.arms:
-            get_arm(arm)
-        for arm in self.lr:
-            if arm not in self.arms:
-                raise ConfigError(f"study.lr names arm '{arm}', which is not in study.arms")
+        check_arms(self.arms, self.lr)
         bad = [k for k in self.image_mix if k not in ("caption_image", "image")]
         if bad:
             raise ConfigError(
@@ -128,13 +122,7 @@ class CompeteConfig(StudyConfig):
             )
         if self.analyze_tokens not in ("last", "all"):
             raise ConfigError(f"study.analyze_tokens='{self.analyze_tokens}' must be last or all")
-        if self.experts < 2 * self.granularity and any(
-            get_arm(a).experts == "E" for a in self.arms
-        ):
-            raise ConfigError(
-                f"study.experts={self.experts} must be >= 2 x granularity ({self.granularity}) "
-                "so that routing has a choice"
-            )
+        check_routing_choice(self.experts, self.granularity, self.arms)
         return self
 
 

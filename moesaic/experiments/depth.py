@@ -36,7 +36,7 @@ from moesaic.analysis.stats import Stat, paired, with_holm
 from moesaic.analysis.tax import LOSS_METRICS
 from moesaic.config import ModelConfig
 from moesaic.errors import ConfigError
-from moesaic.experiments.arms import get_arm
+from moesaic.experiments.arms import check_arms, get_arm
 from moesaic.experiments.compete import variant_overrides
 from moesaic.experiments.engine import RunResult, RunSpec, base_config, run_name
 from moesaic.experiments.study import StudyConfig
@@ -200,13 +200,7 @@ class DepthConfig(StudyConfig):
                 )
         if not 0.0 < self.tolerance < 1.0:
             raise ConfigError(f"study.tolerance={self.tolerance} must be in (0, 1)")
-        if not self.arms:
-            raise ConfigError("study.arms is empty; name at least one arm, e.g. [dense, moe]")
-        for arm in self.arms:
-            get_arm(arm)
-        for arm in self.lr:
-            if arm not in self.arms:
-                raise ConfigError(f"study.lr names arm '{arm}', which is not in study.arms")
+        check_arms(self.arms, self.lr)
         bad = [k for k in self.image_mix if k not in ("caption_image", "image")]
         if bad:
             raise ConfigError(
