@@ -133,6 +133,19 @@ def saw_images(cfg: DataConfig) -> bool:
     return False
 
 
+def _readable_lines(path: Path, lines: Iterable[Line], problems: list) -> Iterator[tuple[str, str]]:
+    """(where, text) of every non-blank line of a JSONL file that decoded and is not too long;
+    the others are counted in `problems` (`bad_encoding`, `too_long`)."""
+    for line in lines:
+        where = f"{path}:{line.number}"
+        if line.text is None:
+            problems.append(("bad_encoding", where))
+        elif line.length > MAX_LINE_CHARS:
+            problems.append(("too_long", where))
+        elif line.text.strip():
+            yield where, line.text
+
+
 class FolderSource(RecordSource):
     def scan(self, paths: list[Path]) -> list[tuple[str, object]]:
         items = []
@@ -172,23 +185,17 @@ class FolderSource(RecordSource):
     @staticmethod
     def _jsonl(path: Path, lines: Iterable[Line], problems: list) -> list[tuple[str, str, str]]:
         rows = []
-        for line in lines:
-            where = f"{path}:{line.number}"
-            if line.text is None:
-                problems.append(("bad_encoding", where))
-            elif line.length > MAX_LINE_CHARS:
-                problems.append(("too_long", where))
-            elif line.text.strip():
-                try:
-                    obj = json.loads(line.text)
-                    file = obj["file"]
-                    caption = obj.get("caption", obj.get("text", ""))
-                    if not isinstance(file, str) or not isinstance(caption, str):
-                        raise TypeError
-                except (*JSON_ERRORS, AttributeError):
-                    problems.append(("malformed_line", where))
-                    continue
-                rows.append((where, file, caption))
+        for where, text in _readable_lines(path, lines, problems):
+            try:
+                obj = json.loads(text)
+                file = obj["file"]
+                caption = obj.get("caption", obj.get("text", ""))
+                if not isinstance(file, str) or not isinstance(caption, str):
+                    raise TypeError
+            except (*JSON_ERRORS, AttributeError):
+                problems.append(("malformed_line", where))
+                continue
+            rows.append((where, file, caption))
         return rows
 
     @staticmethod
@@ -255,25 +262,19 @@ class TextSource(RecordSource):
 
     def _jsonl_docs(self, f: Path, lines: Iterable[Line], problems: list) -> list:
         items = []
-        for line in lines:
-            where = f"{f}:{line.number}"
-            if line.text is None:
-                problems.append(("bad_encoding", where))
-            elif line.length > MAX_LINE_CHARS:
-                problems.append(("too_long", where))
-            elif line.text.strip():
-                try:
-                    text = self._cap(json_field(line.text, "text"))
-                except BadEncoding as e:
-                    problems.append(("bad_encoding", f"{where} ({e})"))
-                    continue
-                except JSON_ERRORS:
-                    problems.append(("malformed_line", where))
-                    continue
-                if text:
-                    items.append((where, (where, text)))
-                else:
-                    problems.append(("empty_text", where))
+        for where, line in _readable_lines(f, lines, problems):
+            try:
+                text = self._cap(json_field(line, "text"))
+            except BadEncoding as e:
+                problems.append(("bad_encoding", f"{where} ({e})"))
+                continue
+            except JSON_ERRORS:
+                problems.append(("malformed_line", where))
+                continue
+            if text:
+                items.append((where, (where, text)))
+            else:
+                problems.append(("empty_text", where))
         return items
 
     def _paragraphs(self, f: Path, lines: Iterable[Line], problems: list) -> list:
@@ -291,7 +292,7 @@ class TextSource(RecordSource):
                     kept += len(para[-1]) + 1
             elif para:
                 key = f"{f}:{start}"
-                items.append((key, (key, " ".join(para)[: self.max_chars])))
+                items.append((key, (key, " ".join(para)[: self.max_chars].rstrip())))
                 para, kept, start = [], 0, 0
         return items
 
