@@ -16,6 +16,7 @@ from moesaic.config import CAPTION_REGISTERS, SourceConfig
 from moesaic.errors import ConfigError, did_you_mean
 from moesaic.experiments import caption_sources as real
 from moesaic.experiments.arms import check_arms, check_routing_choice
+from moesaic.experiments.compete_presets import MICRO_MODEL
 from moesaic.experiments.compete_presets import PRESETS as TAX_PRESETS
 from moesaic.experiments.engine import base_config, tokenizer_for
 from moesaic.experiments.study import StudyConfig
@@ -54,23 +55,13 @@ CAPTION_CONDITIONS = tuple(k for k, c in CONDITIONS.items() if c.per_register)
 DISTANCE_SALT = 7  # separates the embedding-distance documents from the eval sets
 DISTANCE_FILE = "caption_distance.json"
 
-_MICRO_MODEL = [
-    "model.dim=32",
-    "model.layers=2",
-    "model.heads=2",
-    "model.ffn.hidden=64",
-    "data.seq_len=64",
-    "data.batch_size=4",
-    "data.vocab_size=512",
-]
-
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds: exercises every stage end to end (used by the tests); numbers are noise.
     "smoke": {
         "name": "caption-shift-smoke",
         "base": "tiny",
         "overrides": [
-            *_MICRO_MODEL,
+            *MICRO_MODEL,
             "train.warmup=2",
             "train.threads=1",
             "train.checkpoint_every=0",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_MICRO_MODEL = [
+MICRO_MODEL = [
     "model.dim=32",
     "model.layers=2",
     "model.heads=2",
@@ -20,7 +20,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "compete-smoke",
         "base": "tiny",
         "overrides": [
-            *_MICRO_MODEL,
+            *MICRO_MODEL,
             "train.warmup=2",
             "train.threads=1",
             "train.checkpoint_every=0",
