@@ -87,17 +87,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # CPU, 2 jobs: micro models; 2x2 patches (12 values) so that no width is narrower than a
     # patch, which would cap the image loss of the small models by their output projection.
+    # lr 1e-2 for every size and 16-row batches: the best of a pilot over lr 3e-3 / 1e-2 / 3e-2
+    # and 4 / 8 / 16 rows (docs/study-isoflop.md); budgets chosen so that both modalities'
+    # optimum lies inside the sizes at every budget.
     "quick": {
         "name": "isoflop-quick",
         "base": "tiny",
         "overrides": [
             *_MICRO,
             "data.seq_len=96",
+            "data.batch_size=16",
             "data.patch_size=2",
+            "train.lr=1e-2",
             "eval.batches=16",
             "logging.every=50",
         ],
-        "budgets": [1e10, 3e10, 1e11],
+        "budgets": [1.5e11, 3e11, 6e11],
         "sizes": ["16x1", "16x2", "24x2", "32x2", "48x2", "64x2"],
         "head_dim": 8,
         "experts": 8,
