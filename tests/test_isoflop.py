@@ -165,6 +165,20 @@ def test_every_run_takes_its_budget_in_steps(tmp_path):
         assert cfg.model.ffn.kind == ("moe" if spec.tag("arm") == "moe" else "dense")
 
 
+def test_quick_preset_plans_every_run_to_its_budget(tmp_path):
+    s = load_study(IsoFlopConfig, PRESETS, None, "quick", [])
+    specs = EXPERIMENT.plan(s, tmp_path, print)
+    assert len(specs) == 3 * 6 * 2 * 2 * 2  # budgets × sizes × arms × modalities × seeds
+    total = 0.0
+    for spec in specs:
+        cfg = run_config(s, spec, tmp_path)
+        assert (cfg.train.lr, cfg.data.batch_size, cfg.data.seq_len) == (1e-2, 16, 96)
+        per_step = model_sizes(cfg)["flops_per_token"] * cfg.data.batch_size * cfg.data.seq_len
+        assert abs(cfg.train.steps - spec.tag("budget") / per_step) <= 1, spec.name
+        total += cfg.train.steps * per_step
+    assert total == pytest.approx(sum(s.budgets) * 6 * 2 * 2 * 2, rel=1e-3)
+
+
 def test_adding_a_budget_keeps_every_run(tmp_path):
     before = {s.name: s for s in EXPERIMENT.plan(study(), tmp_path, print)}
     after = {s.name: s for s in EXPERIMENT.plan(study("study.budgets=[5e8, 1e9, 2e9]"),
