@@ -3,6 +3,7 @@ condition's parts draw, the one tokenizer, the shift of real captions, bad study
 smoke-sized study on `moesaic data example` files end to end."""
 
 import dataclasses
+import importlib.util
 import json
 import re
 import warnings
@@ -41,7 +42,22 @@ CONDITIONS = ["image", "caption", "image_caption", "caption_image"]
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    return write_example(tmp_path_factory.mktemp("example") / "x")
+    paths = dict(write_example(tmp_path_factory.mktemp("example") / "x"))
+    if importlib.util.find_spec("datasets") is not None:  # the pictures saved with save_to_disk
+        import datasets
+        from PIL import Image
+
+        rows = [json.loads(line) for line in (paths["photos"] / "captions.jsonl").open()]
+        images = [Image.open(paths["photos"] / r["file"]) for r in rows]
+        ds = datasets.Dataset.from_dict({"image": images, "caption": [r["caption"] for r in rows]})
+        paths["hf"] = paths["photos"].parent / "hf"
+        ds.save_to_disk(str(paths["hf"]))
+    return paths
+
+
+def _needs(reader):
+    if reader == "hf" and importlib.util.find_spec("datasets") is None:
+        pytest.skip("datasets missing")
 
 
 def _fields(example, **extra):
@@ -69,9 +85,11 @@ def _stream(st, condition, register=None, seed=0):
 # ----------------------------------------------------------------------- caption documents
 
 
-@pytest.mark.parametrize("reader", ["folder", "webdataset"])
+@pytest.mark.parametrize("reader", ["folder", "webdataset", "hf"])
 def test_reader_caption_documents_are_the_records_captions_alone(example, reader):
-    path = example["photos"] if reader == "folder" else example["shards"]
+    _needs(reader)
+    path = {"folder": example["photos"], "webdataset": example["shards"], "hf": example.get("hf")}
+    path = path[reader]
     cfg = load_config("tiny", [*MICRO, f"data.source={reader}", f"data.paths=[{path}]"]).data
     tok = load_tokenizer(cfg, cache_dir())
     source = open_sources(cfg, "train")
@@ -142,6 +160,23 @@ def test_registers_are_the_caption_sources(example, tmp_path):
     specs = EXPERIMENT.plan(st, tmp_path, print)
     names = {s.name for s in specs}
     assert {"dense-text-s0", "dense-image-s0", "moe-caption-shards-s0"} <= names
+
+
+def test_an_hf_dataset_is_a_register(example, tmp_path):
+    _needs("hf")
+    sources = _fields(example)["caption_sources"]
+    sources["hub"] = {"kind": "hf", "paths": [str(example["hf"])]}
+    st = _study(example, "study.registers=[hub]", caption_sources=sources)
+    assert st.registers == ["hub"]
+    assert "moe-caption-hub-s0" in {s.name for s in EXPERIMENT.plan(st, tmp_path, print)}
+    for condition in ("caption", "caption_image"):
+        cfg, joint = _stream(st, condition, "hub")
+        a, b = next(_stream(st, "text")[1]), next(joint)
+        B = cfg.data.batch_size
+        assert b.shape[0] == 2 * B and torch.equal(b.tokens[:B], a.tokens)  # part 0: T's batch
+        assert joint.parts[1].produced_by_source.keys() == {"hub"}
+        assert set(joint.parts[1].produced_by_source["hub"]) == {condition}
+    assert 0 < seed_shift(st, 0)["hub"]["unigram_js"] < 1
 
 
 @pytest.mark.parametrize("condition", CONDITIONS)
