@@ -85,6 +85,28 @@ def test_bootstrap_intervals_cover_the_true_exponent():
     assert hits_a >= 85 and hits_b >= 85
 
 
+def test_leaving_one_size_out_refits_without_that_size():
+    exact = parabola_study(np.random.default_rng(0), noise=0.0)  # exactly parabolic curves
+    out = scaling.leave_one_size_out(exact)
+    assert len(out) == 5
+    assert all(v["a"] == pytest.approx(0.5, abs=1e-9) for v in out)  # any 4 sizes fit exactly
+    c = np.array([1e18, 1e19, 1e20])  # a Chinchilla law on one fixed grid: not parabolic
+    n = np.tile(np.logspace(7.5, 10.5, 7), (3, 1))
+    d = c[:, None] / (6 * n)
+    loss = 1.69 + 406.4 / n**0.34 + 410.7 / d**0.28
+    law = scaling.IsoFlopPoints.of(c, n, d, loss[..., None])
+    out = scaling.leave_one_size_out(law)
+    for drop, got in enumerate(out):
+        keep = [i for i in range(7) if i != drop]
+        sub = scaling.IsoFlopPoints(law.budgets_B, law.params_BI[:, keep],
+                                    law.tokens_BI[:, keep], law.loss_BIS[:, keep])  # fmt: skip
+        assert got["a"] == pytest.approx(scaling.isoflop_fit(sub)["a"])
+    assert max(v["a"] for v in out) - min(v["a"] for v in out) > 1e-3
+    three = scaling.IsoFlopPoints(law.budgets_B, law.params_BI[:, :3], law.tokens_BI[:, :3],
+                                  law.loss_BIS[:, :3])  # fmt: skip
+    assert scaling.leave_one_size_out(three) == []
+
+
 def test_bootstrap_is_seeded_and_pairs_seeds_across_groups():
     rng = np.random.default_rng(0)
     pts = parabola_study(rng)
@@ -299,3 +321,33 @@ def test_isoflop_smoke_study(tmp_path, capsys):
     summary = json.loads((root / "summary.json").read_text())
     assert summary["budgets"] == [5e8, 7.5e8, 1e9] and list(summary["fits"]["text"]) == ["dense"]
     assert math.isfinite(summary["fits"]["text"]["dense"]["a"]["estimate"])
+    assert summary["fits"]["text"]["dense"]["one_size_out"]["a_range"] is None  # 3 sizes
+
+    # a fourth size: each fit is also refitted without each size in turn
+    capsys.readouterr()
+    assert main([*args, "study.sizes=[16x1, 32x1, 48x1, 64x1]"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((root / "summary.json").read_text())
+    gaps = {}
+    for modality in ("text", "image"):
+        rows = summary["points"][modality]["dense"]
+        grid = summary["fits"][modality]["dense"]["one_size_out"]
+        assert list(grid["without"]) == ["16x1", "32x1", "48x1", "64x1"]
+        for size, got in grid["without"].items():
+            by_budget = [[p for p in rows if p["budget"] == b and p["size"] != size]
+                         for b in summary["budgets"]]  # fmt: skip
+            pts = scaling.IsoFlopPoints.of(
+                summary["budgets"],
+                [[p["params_n"] for p in g] for g in by_budget],
+                [[float(np.mean(p["tokens"])) for p in g] for g in by_budget],
+                [[p["loss"]["values"] for p in g] for g in by_budget],
+            )
+            assert got["a"] == pytest.approx(scaling.isoflop_fit(pts)["a"])
+            gaps[size] = gaps.get(size, 0.0) + (got["a"] if modality == "text" else -got["a"])
+        a = [v["a"] for v in grid["without"].values()]
+        assert grid["a_range"] == [min(a), max(a)]
+    assert summary["gaps"]["dense"]["one_size_out_a"] == pytest.approx(
+        [min(gaps.values()), max(gaps.values())]
+    )
+    low, high = summary["fits"]["text"]["dense"]["one_size_out"]["a_range"]
+    assert f"{low:.2f}…{high:.2f}" in out

@@ -16,7 +16,8 @@ residuals and refits everything; intervals are percentiles of the resampled expo
 fits of all resamples run as batched least squares. The fit points' residuals are resampled
 rather than the points themselves (a fixed design: the sizes are chosen, not sampled); in
 simulated studies resampling the points gave intervals several times wider that covered more
-often than nominal (docs/study-isoflop.md has the coverage of this form).
+often than nominal (docs/study-isoflop.md has the coverage of this form). The error of the
+parabola over a given grid is not part of it; `leave_one_size_out` shows its size.
 
 Shapes: B budgets, I sizes per budget, S seeds, R resamples.
 """
@@ -198,6 +199,30 @@ def isoflop_fit(points: IsoFlopPoints) -> dict[str, Any]:
         "budgets": per_budget,
         "bracketed": all(p["interior_n"] and p["interior_d"] for p in per_budget),
     }
+
+
+def leave_one_size_out(points: IsoFlopPoints) -> list[dict[str, float]]:
+    """`a` and `b` refitted with the i-th size (the i-th smallest N at every budget) left out,
+    one entry per size; empty when fewer than `MIN_SIZES` sizes would remain.
+
+    Their spread is the error of approximating each budget's curve by a parabola over this
+    particular grid. The bootstrap keeps the grid, so its intervals do not include it."""
+    n_sizes = points.loss_BIS.shape[1]
+    if n_sizes - 1 < MIN_SIZES:
+        return []
+    out = []
+    for drop in range(n_sizes):
+        keep = [i for i in range(n_sizes) if i != drop]
+        fit = isoflop_fit(
+            IsoFlopPoints(
+                points.budgets_B,
+                points.params_BI[:, keep],
+                points.tokens_BI[:, keep],
+                points.loss_BIS[:, keep],
+            )
+        )
+        out.append({"a": fit["a"], "b": fit["b"]})
+    return out
 
 
 def parabola_value(parabola: Mapping[str, Any], x: np.ndarray) -> np.ndarray:

@@ -107,6 +107,14 @@ def format_interval(
     return text + unit
 
 
+def format_range(values: list[float] | None, digits: int = 2, signed: bool = False) -> str:
+    """A range [low, high] as `low…high`; "—" when there is none."""
+    if not values:
+        return "—"
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f"{fmt.format(values[0])}…{fmt.format(values[1])}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Paired:
     """Per-seed differences a − b with their interval and p-values. `p_holm` and

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from moesaic.analysis import scaling
-from moesaic.analysis.stats import Stat
+from moesaic.analysis.stats import Stat, format_range
 from moesaic.config import Config, load_config
 from moesaic.errors import ConfigError
 from moesaic.experiments.arms import get_arm
@@ -484,6 +484,13 @@ def summarize(study: IsoFlopConfig, results: list[RunResult]) -> dict[str, Any]:
             "paper": None if paper is None else {"a": paper[0], "b": paper[1]},
             "edge_share": float(1.0 - samples["interior_n"].all(axis=1).mean()),
         }
+        names = [p["size"] for p in points[m][arm] if p["budget"] == budgets[0]]  # by N
+        without = dict(zip(names, scaling.leave_one_size_out(pts), strict=False))
+        fits[m][arm]["one_size_out"] = {
+            "without": without,
+            "a_range": _range([v["a"] for v in without.values()]),
+            "b_range": _range([v["b"] for v in without.values()]),
+        }
     gaps: dict[str, Any] = {}
     if set(MODALITIES) <= set(study.modalities):
         for arm in study.arms:
@@ -496,6 +503,7 @@ def summarize(study: IsoFlopConfig, results: list[RunResult]) -> dict[str, Any]:
             pt, pi = _paper("text", arm), _paper("image", arm)
             entry["paper_a"] = None if pt is None or pi is None else round(pt[0] - pi[0], 4)
             entry["bracketed"] = fits["text"][arm]["bracketed"] and fits["image"][arm]["bracketed"]
+            entry["one_size_out_a"] = _range(list(_gap_without(fits, arm).values()))
             entry["verdict"] = verdict(
                 entry["a"], entry["paper_a"], entry["bracketed"],
                 f"a_text − a_image ({arm})",
@@ -514,8 +522,10 @@ def summarize(study: IsoFlopConfig, results: list[RunResult]) -> dict[str, Any]:
         paper = None if pb is None or pa is None else round(pb - pa, 4)
         bracketed = gaps[base]["bracketed"] and gaps[arm]["bracketed"]
         claim = f"gap({base}) − gap({arm})"
+        base_gaps, arm_gaps = _gap_without(fits, base), _gap_without(fits, arm)
         gap_differences[arm] = {
             "a": stat,
+            "one_size_out_a": _range([g - arm_gaps[s] for s, g in base_gaps.items()]),
             "paper": paper,
             "verdict": verdict(stat, paper, bracketed, claim),
         }
@@ -545,6 +555,16 @@ def summarize(study: IsoFlopConfig, results: list[RunResult]) -> dict[str, Any]:
     }
 
 
+def _range(values: list[float]) -> list[float] | None:
+    return [min(values), max(values)] if values else None
+
+
+def _gap_without(fits: dict[str, dict[str, Any]], arm: str) -> dict[str, float]:
+    """size → a_text − a_image of `arm` with that size left out of both modalities' fits."""
+    text, image = (fits[m][arm]["one_size_out"]["without"] for m in MODALITIES)
+    return {size: text[size]["a"] - image[size]["a"] for size in text}
+
+
 def _budget_error(points: dict[str, dict[str, list]]) -> float:
     """Largest |steps − budget / FLOPs per step| over all runs (≤ 0.5 by construction)."""
     worst = 0.0
@@ -569,21 +589,25 @@ def overall_verdict(gaps: dict[str, Any], gap_differences: dict[str, Any]) -> st
 def console_text(summary: dict[str, Any]) -> str:
     n = summary["bootstrap"]["resamples"]
     lines = [f"exponents N_opt ∝ C^a, D_opt ∝ C^b (95 % bootstrap intervals, {n} resamples):"]
-    lines.append(f"  {'modality':<8} {'arm':<10} {'a':<24} {'b':<24} paper a / b")
+    lines.append(f"  {'modality':<8} {'arm':<10} {'a':<24} {'b':<24} {'paper a / b':<13} "
+                 "a, one size left out")  # fmt: skip
     for m, per_arm in summary["fits"].items():
         for arm, fit in per_arm.items():
             cells = [_fmt(fit[k]) for k in ("a", "b")]
             paper = fit["paper"]
             ref = "—" if paper is None else f"{paper['a']:.2f} / {paper['b']:.2f}"
             edge = "" if fit["bracketed"] else "  (optimum not bracketed)"
-            lines.append(f"  {m:<8} {arm:<10} {cells[0]:<24} {cells[1]:<24} {ref}{edge}")
+            grid = format_range(fit["one_size_out"]["a_range"])
+            lines.append(f"  {m:<8} {arm:<10} {cells[0]:<24} {cells[1]:<24} {ref:<13} {grid}{edge}")
     for arm, g in summary["gaps"].items():
         paper = "—" if g["paper_a"] is None else f"{g['paper_a']:+.2f}"
         lines.append(f"a_text − a_image ({arm}): {_fmt(g['a'], True)}  paper {paper}  "
+                     f"one size left out {format_range(g['one_size_out_a'], signed=True)}  "
                      f"→ {g['verdict']['verdict']}")  # fmt: skip
     for arm, d in summary["gap_differences"].items():
         paper = "—" if d["paper"] is None else f"{d['paper']:+.2f}"
         lines.append(f"gap difference ({arm}): {_fmt(d['a'], True)}  paper {paper}  "
+                     f"one size left out {format_range(d['one_size_out_a'], signed=True)}  "
                      f"→ {d['verdict']['verdict']}")  # fmt: skip
     lines.append(f"verdict: {summary['verdict']}")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from moesaic.analysis.scaling import parabola_value
-from moesaic.analysis.stats import format_interval
+from moesaic.analysis.stats import format_interval, format_range
 from moesaic.report import plots
 from moesaic.report.cells import count
 from moesaic.report.html import HtmlReport
@@ -160,7 +160,7 @@ def _exponent_rows(summary: Mapping[str, Any]) -> list[list[str]]:
                 m, arm, _stat(a), f"{paper['a']:.2f}" if paper else "—", inside[0],
                 _stat(b), f"{paper['b']:.2f}" if paper else "—", inside[1],
                 f"{a['estimate'] + b['estimate']:.3f}", "yes" if fit["bracketed"] else "no",
-                f"{100 * fit['edge_share']:.0f} %",
+                f"{100 * fit['edge_share']:.0f} %", format_range(fit["one_size_out"]["a_range"]),
             ])  # fmt: skip
     return rows
 
@@ -218,26 +218,32 @@ def isoflop_report(summary: Mapping[str, Any]) -> HtmlReport:
     r.heading("Exponents")
     r.table(
         ["modality", "arm", "a (N_opt ∝ C^a)", "paper a", "paper in CI", "b (D_opt ∝ C^b)",
-         "paper b", "paper in CI", "a + b", "all optima bracketed", "resamples at an edge"],
+         "paper b", "paper in CI", "a + b", "all optima bracketed", "resamples at an edge",
+         "a, one size left out"],
         _exponent_rows(summary),
         "N = active non-embedding parameters; D = training tokens. a + b = 1 only when "
         "FLOPs per token are exactly 6N; attention and head FLOPs make it differ at small N. "
         "'resamples at an edge': share of bootstrap resamples with some budget's optimum at "
-        "the edge of the sizes.",
+        "the edge of the sizes. 'a, one size left out': the range of a refitted without each "
+        "size in turn — the error of the parabola over this grid, which the bootstrap "
+        "intervals do not include.",
         left=2,
     )  # fmt: skip
     gap_rows = [
         [arm, _stat(g["a"], True), "—" if g["paper_a"] is None else f"{g['paper_a']:+.2f}",
-         _stat(g["b"], True), g["verdict"]["verdict"]]
+         format_range(g["one_size_out_a"], signed=True), _stat(g["b"], True),
+         g["verdict"]["verdict"]]
         for arm, g in summary["gaps"].items()
     ]  # fmt: skip
     gap_rows += [
         [f"gap({study['arms'][0]}) − gap({arm})", _stat(d["a"], True),
-         "—" if d["paper"] is None else f"{d['paper']:+.2f}", "", d["verdict"]["verdict"]]
+         "—" if d["paper"] is None else f"{d['paper']:+.2f}",
+         format_range(d["one_size_out_a"], signed=True), "", d["verdict"]["verdict"]]
         for arm, d in summary["gap_differences"].items()
     ]  # fmt: skip
     if gap_rows:
-        r.table(["arm", "a_text − a_image", "paper", "b_text − b_image", "verdict"], gap_rows)
+        r.table(["arm", "a_text − a_image", "paper", "one size left out", "b_text − b_image",
+                 "verdict"], gap_rows)  # fmt: skip
     r.heading("IsoFLOP curves")
     r.figure(
         isoflop_curves(summary),
