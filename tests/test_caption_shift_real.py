@@ -88,8 +88,7 @@ def _stream(st, condition, register=None, seed=0):
 @pytest.mark.parametrize("reader", ["folder", "webdataset", "hf"])
 def test_reader_caption_documents_are_the_records_captions_alone(example, reader):
     _needs(reader)
-    path = {"folder": example["photos"], "webdataset": example["shards"], "hf": example.get("hf")}
-    path = path[reader]
+    path = example[{"folder": "photos", "webdataset": "shards", "hf": "hf"}[reader]]
     cfg = load_config("tiny", [*MICRO, f"data.source={reader}", f"data.paths=[{path}]"]).data
     tok = load_tokenizer(cfg, cache_dir())
     source = open_sources(cfg, "train")

@@ -485,7 +485,8 @@ def summarize(study: IsoFlopConfig, results: list[RunResult]) -> dict[str, Any]:
             "edge_share": float(1.0 - samples["interior_n"].all(axis=1).mean()),
         }
         names = [p["size"] for p in points[m][arm] if p["budget"] == budgets[0]]  # by N
-        without = dict(zip(names, scaling.leave_one_size_out(pts), strict=False))
+        refits = scaling.leave_one_size_out(pts)  # [] with too few sizes to leave one out
+        without = dict(zip(names, refits, strict=True)) if refits else {}
         fits[m][arm]["one_size_out"] = {
             "without": without,
             "a_range": _range([v["a"] for v in without.values()]),
